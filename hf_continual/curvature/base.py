@@ -18,8 +18,13 @@ Params = dict[str, torch.Tensor]
 class Curvature(ABC):
     """A Fisher approximation over a set of named parameters."""
 
-    #: short name written into saved state, e.g. "diagonal" or "kfac"
+    #: short name written into saved state, e.g. "diagonal" or "kfac"; subclasses register under it
     kind: str = "abstract"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            CURVATURE_KINDS[cls.kind] = cls
 
     @property
     @abstractmethod
@@ -55,3 +60,23 @@ class Curvature(ABC):
     def to(self, device: torch.device | str) -> Curvature:
         """Return a copy on ``device``."""
         return type(self).from_state_dict({k: v.to(device) for k, v in self.state_dict().items()})
+
+
+CURVATURE_KINDS: dict[str, type[Curvature]] = {}
+
+
+def curvature_class(kind: str) -> type[Curvature]:
+    """The Curvature subclass saved under ``kind`` (imports the built-in representations on first use)."""
+    import importlib
+
+    for module in ("diagonal", "kfac"):
+        try:
+            importlib.import_module(f"hf_continual.curvature.{module}")
+        except ImportError:  # pragma: no cover - both ship with the package
+            pass
+    try:
+        return CURVATURE_KINDS[kind]
+    except KeyError:
+        raise ValueError(
+            f"unknown curvature kind {kind!r}; known: {', '.join(sorted(CURVATURE_KINDS))}"
+        ) from None

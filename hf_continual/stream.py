@@ -1,0 +1,209 @@
+"""Run a task stream: train task t, evaluate every task, fill R[t, :]; write results, heatmap and tables.
+
+``R[i][j]`` is the score on task j after training task i; ``b[j]`` is the starting model's score on task j
+(see :mod:`hf_continual.metrics`). Scores are fractions in [0, 1]; tables show points (x100).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import ContinualConfig
+from .metrics import continual_metrics
+from .report import matrix_markdown, matrix_text, metrics_markdown, plot_heatmap
+from .state import atomic_write_json, atomic_write_text
+from .trainer import ContinualTrainer
+
+RESULTS_FILE = "results.json"
+HEATMAP_FILE = "accuracy_matrix.png"
+TABLE_FILE = "accuracy_matrix.md"
+
+
+@dataclass
+class Task:
+    """One task of a stream: its training data and how to score a model on it.
+
+    ``evaluate(model) -> dict`` must hold ``primary_metric`` (a fraction in [0, 1]); other entries (acc@5,
+    counts) are kept in ``results.json`` as details.
+    """
+
+    name: str
+    train_dataset: Any
+    evaluate: Callable[[torch.nn.Module], dict[str, float]]
+    data_collator: Callable | None = None
+    primary_metric: str = "accuracy"
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StreamResult:
+    """What a stream run measured (the content of ``results.json``)."""
+
+    method: str
+    tasks: list[str]
+    accuracy_matrix: list[list[float]]
+    initial: list[float]
+    metrics: dict[str, float | None]
+    metric_name: str
+    details: dict[str, Any]
+    timings: dict[str, Any]
+    config: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+    #: the trainer that ran the stream (continue training, save state, write a card); not serialised
+    trainer: Any = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "tasks": self.tasks,
+            "metric": self.metric_name,
+            "accuracy_matrix": self.accuracy_matrix,
+            "initial": self.initial,
+            "metrics": self.metrics,
+            "details": self.details,
+            "timings": self.timings,
+            "config": self.config,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+
+def _score(task: Task, model: torch.nn.Module) -> tuple[float, dict[str, float]]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            result = dict(task.evaluate(model))
+    finally:
+        model.train(was_training)
+    if task.primary_metric not in result:
+        raise KeyError(
+            f"task {task.name!r}: evaluate() returned {sorted(result)}, missing {task.primary_metric!r}"
+        )
+    return float(result[task.primary_metric]), result
+
+
+def evaluate_all(tasks: Sequence[Task], model: torch.nn.Module) -> tuple[list[float], list[dict[str, float]]]:
+    """Scores of ``model`` on every task (primary metric) and the full metric dicts."""
+    scores, details = [], []
+    for task in tasks:
+        s, d = _score(task, model)
+        scores.append(s)
+        details.append(d)
+    return scores, details
+
+
+def run_stream(
+    model: torch.nn.Module,
+    tasks: Sequence[Task],
+    args: ContinualConfig,
+    output_dir: str | os.PathLike | None = None,
+    extra: dict[str, Any] | None = None,
+    save_final_model: bool = False,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> StreamResult:
+    """Train ``tasks`` in order with ``args.continual_method``; evaluate all tasks before and after each task.
+
+    Writes ``results.json``, ``accuracy_matrix.png`` and ``accuracy_matrix.md`` into ``output_dir`` (default
+    ``args.output_dir``) on the main process only; every process returns the same result.
+    """
+    if not tasks:
+        raise ValueError("run_stream needs at least one task")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
+    metric_names = {t.primary_metric for t in tasks}
+    output_dir = os.fspath(output_dir or args.output_dir)
+    trainer = ContinualTrainer(
+        model=model,
+        args=args,
+        train_dataset=tasks[0].train_dataset,
+        data_collator=tasks[0].data_collator,
+        **(trainer_kwargs or {}),
+    )
+    timings: dict[str, Any] = {"train_s": [], "consolidate_s": [], "evaluate_s": []}
+    t0 = time.perf_counter()
+    initial, initial_details = evaluate_all(tasks, trainer.model)
+    timings["initial_evaluate_s"] = time.perf_counter() - t0
+    R: list[list[float]] = []
+    details: dict[str, Any] = {"initial": initial_details, "after": []}
+    for task in tasks:
+        trainer.train_dataset = task.train_dataset
+        if task.data_collator is not None:
+            trainer.data_collator = task.data_collator
+        t0 = time.perf_counter()
+        trainer.train()
+        timings["train_s"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        trainer.end_task(task.train_dataset, task_name=task.name)
+        timings["consolidate_s"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        row, row_details = evaluate_all(tasks, trainer.model)
+        timings["evaluate_s"].append(time.perf_counter() - t0)
+        R.append(row)
+        details["after"].append(row_details)
+    result = StreamResult(
+        method=args.continual_method,
+        tasks=names,
+        accuracy_matrix=R,
+        initial=initial,
+        metrics=continual_metrics(R, initial),
+        metric_name=metric_names.pop() if len(metric_names) == 1 else "mixed",
+        details=details,
+        timings=timings,
+        config=args.to_yaml_dict(),
+        extra=dict(extra or {}),
+    )
+    if save_final_model:  # every rank calls it (a collective on sharded backends); only the main one writes
+        trainer.save_model(os.path.join(output_dir, "final"))
+    if trainer.is_world_process_zero():
+        write_stream_outputs(result, output_dir)
+    result.trainer = trainer
+    return result
+
+
+def write_stream_outputs(result: StreamResult, output_dir: str | os.PathLike) -> None:
+    """results.json, the heatmap PNG and the markdown table (each written atomically)."""
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write_json(os.path.join(output_dir, RESULTS_FILE), result.to_dict())
+    title = f"{result.method}: {result.metric_name}"
+    plot_heatmap(
+        result.tasks,
+        result.accuracy_matrix,
+        os.path.join(output_dir, HEATMAP_FILE),
+        title,
+        result.metric_name,
+    )
+    table = (
+        matrix_markdown(result.tasks, result.accuracy_matrix, result.initial)
+        + "\n"
+        + metrics_markdown(result.metrics)
+    )
+    atomic_write_text(os.path.join(output_dir, TABLE_FILE), table)
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a results.json (a directory holding one, or the file itself)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, RESULTS_FILE)
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def summary_text(result: StreamResult | dict[str, Any]) -> str:
+    """Terminal summary: the matrix in points and the four metrics."""
+    d = result.to_dict() if isinstance(result, StreamResult) else result
+    m = d["metrics"]
+    fmt = lambda v: "n/a" if v is None else f"{100 * v:+.2f}"  # noqa: E731
+    return (
+        f"method: {d['method']}   metric: {d['metric']} (x100)\n"
+        + matrix_text(d["tasks"], d["accuracy_matrix"], d["initial"])
+        + f"\nACC {100 * m['acc']:.2f}   BWT {fmt(m['bwt'])}   FWT {fmt(m['fwt'])}   forgetting {fmt(m['forgetting'])}"
+    )

@@ -1,0 +1,133 @@
+"""ContinualTrainer: a drop-in ``Trainer`` that protects earlier tasks while it learns new ones."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from .config import ContinualConfig
+from .methods import ContinualMethod, build_method
+from .state import check_parameters_match, has_state, load_state, save_state
+
+
+class ContinualTrainer(Trainer):
+    """``Trainer`` with task boundaries and a continual method (see :mod:`hf_continual.methods`).
+
+    Usage: ``trainer.train(); trainer.end_task()`` per task, switching ``trainer.train_dataset`` in between. Each
+    ``train()`` call starts a fresh optimizer and learning-rate schedule (unless you passed ``optimizers=``).
+
+    Loss scaling: transformers 5 multiplies the loss by the number of processes and skips the division by the
+    gradient-accumulation steps when the model's ``forward`` takes ``**kwargs`` (BERT does), assuming the model
+    normalised its loss by ``num_items_in_batch`` - BERT heads do not. We treat every model loss as a per-batch
+    mean (``model_accepts_loss_kwargs = False``), so the update of one global batch is the same with 1 process,
+    with gradient accumulation and with several processes, and the penalty keeps its weight relative to the task.
+    """
+
+    def __init__(
+        self, model: Any = None, args: ContinualConfig | None = None, *posargs: Any, **kwargs: Any
+    ) -> None:
+        if args is None:
+            args = ContinualConfig(output_dir="trainer_output")
+        if not isinstance(args, ContinualConfig):
+            raise TypeError(
+                f"ContinualTrainer needs args=ContinualConfig(...), got {type(args).__name__}; "
+                "ContinualConfig accepts every TrainingArguments field"
+            )
+        self._user_optimizers = kwargs.get("optimizers", (None, None))[0] is not None
+        super().__init__(model, args, *posargs, **kwargs)
+        if self.compute_loss_func is None:
+            self.model_accepts_loss_kwargs = False
+        self.method: ContinualMethod = build_method(args)
+        self._penalty_step = -1
+        self._penalty_sum = 0.0
+        self._penalty_count = 0
+
+    # ---- task boundaries ---------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """Train on ``self.train_dataset`` (mixed with old data for replay/joint) with a fresh optimizer."""
+        if not self._user_optimizers:
+            self.optimizer, self.lr_scheduler = None, None
+        task_dataset = self.train_dataset
+        self.train_dataset = self.method.prepare_train_dataset(task_dataset)
+        self._penalty_step = -1
+        try:
+            self.method.on_task_begin(self)
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            self.train_dataset = task_dataset
+
+    def end_task(self, train_dataset: Any = None, task_name: str | None = None) -> None:
+        """Consolidate after a task: estimate what protects it (Fisher, factors, anchors, buffers).
+
+        ``train_dataset`` defaults to the dataset just trained on (without replayed examples). Every process
+        must call it (the Fisher is reduced across processes).
+        """
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if dataset is None:
+            raise ValueError("end_task needs the task's train_dataset (none was given and trainer has none)")
+        name = task_name or f"task_{len(self.method.tasks_seen)}"
+        self.model.eval()
+        self.method.end_task(self, dataset, name)
+
+    # ---- one place per optimizer step where the penalty gradient is added ----------------------------------
+    def _apply_continual_gradients(self) -> None:
+        if self._penalty_step == self.state.global_step:
+            return
+        self._penalty_step = self.state.global_step
+        value = self.method.apply_gradients(self.model)
+        if value is not None:
+            self._penalty_sum += float(value)
+            self._penalty_count += 1
+
+    def _clip_grad_norm(self, model):  # called after accumulation + all-reduce, before optimizer.step()
+        self._apply_continual_gradients()
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):  # reached even when clipping is off
+        if grad_norm is None:
+            self._apply_continual_gradients()
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._penalty_count and "loss" in logs:
+            logs["continual_penalty"] = round(self._penalty_sum / self._penalty_count, 6)
+            self._penalty_sum, self._penalty_count = 0.0, 0
+        super().log(logs, start_time)
+
+    # ---- continual state travels with weights and checkpoints --------------------------------------------
+    def continual_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, metadata) of the method plus the config and the model's parameter shapes."""
+        tensors, meta = self.method.state_dict()
+        record = {
+            "method": self.method.name,
+            "method_state": meta,
+            "config": self.args.continual_dict(),
+            "parameter_shapes": {n: list(p.shape) for n, p in self.model.named_parameters()},
+        }
+        return tensors, record
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            tensors, record = self.continual_state()
+            save_state(output_dir, tensors, record)
+
+    def load_continual_state(self, directory: str | os.PathLike) -> None:
+        """Restore the method's state saved by :meth:`save_model` (e.g. from a published model directory)."""
+        tensors, record = load_state(directory)
+        if record.get("method") != self.method.name:
+            raise ValueError(
+                f"{directory}: continual state was saved by method {record.get('method')!r} but this trainer "
+                f"runs continual_method={self.method.name!r}"
+            )
+        check_parameters_match(self.model, record.get("parameter_shapes", {}), directory)
+        self.method.load_state_dict(tensors, record["method_state"])
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        if has_state(resume_from_checkpoint):
+            self.load_continual_state(resume_from_checkpoint)

@@ -1,0 +1,72 @@
+"""Shared by the single-process tests and the torchrun scripts: one optimizer step on a fixed global batch."""
+
+from __future__ import annotations
+
+import torch
+
+from hf_continual import ContinualConfig, ContinualTrainer
+from hf_continual.toy import tiny_bert, toy_stream
+
+GLOBAL_BATCH = 8
+
+
+def one_step_params(
+    output_dir: str,
+    per_device_batch: int,
+    grad_accum: int,
+    trainer_cls=ContinualTrainer,
+    method: str = "none",
+    prior_task: bool = False,
+    **overrides,
+) -> dict[str, torch.Tensor]:
+    """Train one SGD step on the 8 examples of toy task 1 (optionally after task 0 + end_task) and return params."""
+    tasks = toy_stream(n_train=GLOBAL_BATCH, n_eval=4, seed=3)
+    model = tiny_bert(seed=1)
+    common = dict(
+        output_dir=output_dir,
+        use_cpu=True,
+        report_to="none",
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        num_train_epochs=1,
+        seed=0,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        ddp_find_unused_parameters=False,
+        continual_method=method,
+        continual_lambda=50.0,
+        fisher_batch_size=4,
+        dataloader_drop_last=False,
+    )
+    common.update(overrides)
+    args_cls = ContinualConfig if trainer_cls is ContinualTrainer else _plain_args
+    if prior_task:
+        warm = ContinualConfig(
+            **{**common, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}
+        )
+        t0 = ContinualTrainer(model=model, args=warm, train_dataset=tasks[0].train_dataset)
+        t0.train()
+        t0.end_task(tasks[0].train_dataset, task_name="t0")
+        method_state = t0.method
+    args = args_cls(
+        **{
+            **common,
+            "per_device_train_batch_size": per_device_batch,
+            "gradient_accumulation_steps": grad_accum,
+        }
+    )
+    trainer = trainer_cls(model=model, args=args, train_dataset=tasks[1].train_dataset)
+    if prior_task:
+        trainer.method = method_state
+    trainer.train()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _plain_args(**kwargs):
+    from transformers import TrainingArguments
+
+    kwargs = {k: v for k, v in kwargs.items() if not (k.startswith("continual_") or k.startswith("fisher_"))}
+    return TrainingArguments(**kwargs)

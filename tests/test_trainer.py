@@ -1,0 +1,79 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Trainer
+
+from hf_continual import ContinualConfig, ContinualTrainer
+from hf_continual.toy import tiny_bert, toy_stream
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from common import GLOBAL_BATCH, one_step_params  # noqa: E402
+
+
+def _assert_same(a, b, atol=1e-6):
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_grad_accumulation_gives_same_update(tmp_path):
+    full = one_step_params(str(tmp_path / "a"), per_device_batch=GLOBAL_BATCH, grad_accum=1)
+    accum = one_step_params(str(tmp_path / "b"), per_device_batch=GLOBAL_BATCH // 2, grad_accum=2)
+    _assert_same(full, accum)
+
+
+def test_plain_trainer_scales_bert_loss_wrongly(tmp_path):
+    """The transformers 5 behaviour we correct: a plain Trainer with GA=2 takes a 2x larger step on BERT."""
+    start = {n: p.detach().clone() for n, p in tiny_bert(seed=1).named_parameters()}
+    full = one_step_params(str(tmp_path / "a"), GLOBAL_BATCH, 1, trainer_cls=Trainer)
+    accum = one_step_params(str(tmp_path / "b"), GLOBAL_BATCH // 2, 2, trainer_cls=Trainer)
+    name = "classifier.weight"
+    ratio = (accum[name] - start[name]).norm() / (full[name] - start[name]).norm()
+    assert ratio == pytest.approx(2.0, rel=1e-3)
+
+
+def test_two_processes_give_same_update(tmp_path, torchrun):
+    single = one_step_params(str(tmp_path / "a"), per_device_batch=GLOBAL_BATCH, grad_accum=1)
+    out = tmp_path / "dist.pt"
+    torchrun("scaling_dist.py", str(out))
+    rank0, rank1 = torch.load(out), torch.load(str(out) + ".rank1")
+    _assert_same(rank0, rank1, atol=0)
+    _assert_same(single, rank0)
+
+
+def test_fresh_optimizer_and_schedule_per_task(tmp_path):
+    tasks = toy_stream(n_train=32, n_eval=8)
+    args = ContinualConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        learning_rate=1e-3,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = ContinualTrainer(model=tiny_bert(), args=args, train_dataset=tasks[0].train_dataset)
+    trainer.train()
+    first_opt = trainer.optimizer
+    trainer.end_task()
+    trainer.train_dataset = tasks[1].train_dataset
+    trainer.train()
+    assert trainer.optimizer is not first_opt
+    assert trainer.state.global_step == 4  # counted afresh for the new task
+    assert trainer.method.tasks_seen == ["task_0"]
+
+
+def test_rejects_plain_training_arguments(tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="ContinualConfig"):
+        ContinualTrainer(model=tiny_bert(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+
+
+def test_end_task_without_dataset_is_an_error(tmp_path):
+    args = ContinualConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = ContinualTrainer(model=tiny_bert(), args=args)
+    with pytest.raises(ValueError, match="train_dataset"):
+        trainer.end_task()
