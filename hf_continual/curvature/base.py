@@ -57,6 +57,26 @@ class Curvature(ABC):
         """Bytes held by the tensors of ``state_dict()``."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
+    @torch.no_grad()
+    def add_penalty_grad_(
+        self, params: dict[str, torch.Tensor] | torch.nn.Module, anchors: dict[str, torch.Tensor], lam: float
+    ) -> float:
+        """Add ``lam * F (p - anchor)`` into ``p.grad`` of covered parameters; return ``lam/2 * quadratic``.
+
+        Generic version through :meth:`matvec` (no autograd graph); representations override it with a faster
+        kernel. Parameters without an anchor are left alone.
+        """
+        named = dict(params.named_parameters()) if isinstance(params, torch.nn.Module) else params
+        delta = {n: named[n].detach() - anchors[n].to(named[n].device) for n in self.param_names if n in named and n in anchors}
+        total = 0.0
+        for n, g in self.matvec(delta).items():
+            p = named[n]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.add_(g.to(p.grad.dtype), alpha=lam)
+            total += float(torch.dot(delta[n].reshape(-1).float(), g.reshape(-1).float()))
+        return 0.5 * lam * total
+
     def to(self, device: torch.device | str) -> Curvature:
         """Return a copy on ``device``."""
         return type(self).from_state_dict({k: v.to(device) for k, v in self.state_dict().items()})
