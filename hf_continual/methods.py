@@ -92,7 +92,7 @@ class ContinualMethod:
     def prepare_train_dataset(self, dataset: Any) -> Any:
         return dataset
 
-    def on_task_begin(self, trainer: ContinualTrainer) -> None:
+    def on_task_begin(self, trainer: ContinualTrainer, train_dataset: Any) -> None:
         return None
 
     def apply_gradients(self, model: torch.nn.Module) -> float | None:
@@ -103,6 +103,11 @@ class ContinualMethod:
 
     def end_task(self, trainer: ContinualTrainer, train_dataset: Any, task_name: str) -> None:
         self.tasks_seen.append(task_name)
+
+    def restore_past_data(self, datasets: list[Any]) -> None:
+        """Give back the training data of the tasks already seen (after loading state to resume a stream);
+        only methods that keep data (replay, joint) use it."""
+        return None
 
     # ---- state -------------------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -131,6 +136,9 @@ class JointTraining(ContinualMethod):
         super().end_task(trainer, train_dataset, task_name)
         self.past.append(train_dataset)
 
+    def restore_past_data(self, datasets: list[Any]) -> None:
+        self.past = list(datasets)
+
 
 @register_method("replay")
 class Replay(ContinualMethod):
@@ -149,9 +157,15 @@ class Replay(ContinualMethod):
 
     def end_task(self, trainer: ContinualTrainer, train_dataset: Any, task_name: str) -> None:
         super().end_task(trainer, train_dataset, task_name)
-        rng = random.Random(self.config.seed * 1000 + len(self.buffers))
-        n = min(self.config.replay_per_task, len(train_dataset))
-        self.buffers.append(subset(train_dataset, sorted(rng.sample(range(len(train_dataset)), n))))
+        self.buffers.append(self._buffer(train_dataset, len(self.buffers)))
+
+    def _buffer(self, dataset: Any, task_index: int) -> Any:
+        rng = random.Random(self.config.seed * 1000 + task_index)
+        n = min(self.config.replay_per_task, len(dataset))
+        return subset(dataset, sorted(rng.sample(range(len(dataset)), n)))
+
+    def restore_past_data(self, datasets: list[Any]) -> None:
+        self.buffers = [self._buffer(d, i) for i, d in enumerate(datasets)]
 
 
 class PenaltyMethod(ContinualMethod):
@@ -189,20 +203,10 @@ class PenaltyMethod(ContinualMethod):
     def apply_gradients(self, model: torch.nn.Module) -> float | None:
         if not self.terms or self.config.continual_lambda == 0:
             return None
-        lam = self.config.continual_lambda
         params = trainable_parameters(model)
-        total = 0.0
-        for anchor, curvature in self.terms:
-            names = [n for n in curvature.param_names if n in params]
-            delta = {n: params[n].detach() - anchor[n].to(params[n].device) for n in names}
-            fdelta = curvature.matvec(delta)
-            for n, g in fdelta.items():
-                p = params[n]
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.add_(g.to(p.grad.dtype), alpha=lam)
-                total += float((delta[n] * g).sum())
-        return 0.5 * lam * total
+        return sum(
+            c.add_penalty_grad_(params, anchor, self.config.continual_lambda) for anchor, c in self.terms
+        )
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
         """The penalty value as a differentiable function of the parameters (reference for tests)."""
@@ -252,6 +256,7 @@ def _estimate(trainer: ContinualTrainer, dataset: Any, kind: str, **kwargs: Any)
         batch_size=cfg.fisher_batch_size,
         data_collator=trainer.data_collator,
         show_progress=not cfg.disable_tqdm,
+        seed=cfg.seed + len(trainer.method.tasks_seen),
         **kwargs,
     )
 
@@ -286,3 +291,153 @@ class OnlineEWC(EWC):
 
     def consolidate(self, anchor: dict[str, torch.Tensor], curvature: Curvature) -> None:
         PenaltyMethod.consolidate(self, anchor, curvature)
+
+
+@register_method("kfac")
+class KFACEWC(PenaltyMethod):
+    """EWC with a Kronecker-factored Fisher for every ``nn.Linear`` (diagonal for the other parameters).
+
+    The penalty gradient ``lambda * G dW A`` is two matmuls per layer. Across tasks the factors are merged
+    (``kfac_cross_task="merged"``: A <- A + A_t, G <- G + G_t) or kept per task (exact sum of Kronecker
+    products); ``kfac_rank`` stores each factor as its top eigenpairs (compact state, cheaper penalty).
+    """
+
+    def estimate(self, trainer: ContinualTrainer, train_dataset: Any) -> Curvature:
+        cfg = self.config
+        fisher = _estimate(
+            trainer,
+            train_dataset,
+            "kfac",
+            kfac_mode=cfg.kfac_mode,
+            damping=cfg.kfac_damping,
+            cross_task=cfg.kfac_cross_task,
+        )
+        return fisher
+
+    def consolidate(self, anchor: dict[str, torch.Tensor], curvature: Curvature) -> None:
+        super().consolidate(anchor, curvature)
+        if self.config.kfac_rank is not None:
+            a, c = self.terms[0]
+            self.terms = [(a, c.compress(rank=self.config.kfac_rank))]
+
+
+@register_method("fish")
+class Fish(ContinualMethod):
+    """FISH masks: each task updates only the top ``fish_keep_ratio`` entries of its empirical Fisher.
+
+    The mask is built at the start of a task from ``fish_num_samples`` examples of that task (the authors'
+    defaults: 1024 examples, 0.5%, global top-k). ``fish_protect`` divides the new-task Fisher by the
+    consolidated Fisher of earlier tasks; ``fish_penalty`` adds an EWC or K-FAC penalty on top (masked too).
+    """
+
+    def __init__(self, config: ContinualConfig) -> None:
+        super().__init__(config)
+        penalty_cls = {"ewc": EWC, "kfac": KFACEWC}.get(config.fish_penalty)
+        self.penalty: PenaltyMethod | None = penalty_cls(config) if penalty_cls else None
+        self.masks: dict[str, torch.Tensor] = {}
+        self.old_fisher: Curvature | None = None
+        self.updates = None
+        self._params: dict[str, torch.nn.Parameter] | None = None
+        self.mask_history: list[dict[str, Any]] = []
+
+    def _fisher(self, trainer: ContinualTrainer, dataset: Any) -> Curvature:
+        from .curvature import estimate_fisher
+
+        cfg = self.config
+        return estimate_fisher(
+            trainer.model,
+            dataset,
+            kind="diagonal",
+            fisher_type="empirical",
+            num_samples=cfg.fish_num_samples,
+            batch_size=cfg.fisher_batch_size,
+            data_collator=trainer.data_collator,
+            show_progress=not cfg.disable_tqdm,
+        )
+
+    def on_task_begin(self, trainer: ContinualTrainer, train_dataset: Any) -> None:
+        from .masking import check_same_mask_across_ranks, fish_mask
+
+        cfg = self.config
+        fisher = self._fisher(trainer, train_dataset)
+        old = self.old_fisher.diagonal() if (cfg.fish_protect and self.old_fisher is not None) else None
+        self.masks = fish_mask(
+            fisher.diagonal(), cfg.fish_keep_ratio, cfg.fish_scope, cfg.fish_trainable_modules, old
+        )
+        check_same_mask_across_ranks(self.masks)
+        self._start_updates(trainable_parameters(trainer.model))
+
+    def _start_updates(
+        self, params: dict[str, torch.nn.Parameter], start: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Enforce ``self.masks`` on ``params`` from now on (``start``: frozen values when resuming a task)."""
+        from .masking import MaskedUpdates
+
+        if self.updates is not None:
+            self.updates.detach()
+        self._params = params
+        self.updates = MaskedUpdates(params, self.masks)
+        if start is not None:
+            self.updates.start = {n: start[n].to(params[n].device) for n in self.updates.start}
+        self.updates.attach()
+
+    def apply_gradients(self, model: torch.nn.Module) -> float | None:
+        if self.penalty is None:
+            return None
+        value = self.penalty.apply_gradients(model)
+        if self.updates is not None:
+            self.updates.mask_grads_()
+        return value
+
+    def after_optimizer_step(self, model: torch.nn.Module) -> None:
+        if self.updates is not None:
+            self.updates.restore_()
+
+    def end_task(self, trainer: ContinualTrainer, train_dataset: Any, task_name: str) -> None:
+        from .masking import mask_stats
+
+        super().end_task(trainer, train_dataset, task_name)
+        if self.updates is not None:
+            self.updates.detach()
+            self.updates = None
+        self.mask_history.append({"task": task_name, **mask_stats(self.masks)})
+        if self.penalty is not None:
+            self.penalty.end_task(trainer, train_dataset, task_name)
+        if self.config.fish_protect:
+            fisher = self._fisher(trainer, train_dataset)
+            self.old_fisher = fisher if self.old_fisher is None else self.old_fisher.merge(fisher)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = super().state_dict()
+        for n, m in self.masks.items():
+            tensors[f"fish.mask.{n}"] = m.to(torch.uint8)
+        if self.updates is not None:  # a task is in progress: its start values are needed to resume
+            for n, t in self.updates.start.items():
+                tensors[f"fish.start.{n}"] = t
+        if self.old_fisher is not None:
+            for n, t in self.old_fisher.state_dict().items():
+                tensors[f"fish.old_fisher.{n}"] = t
+        meta["mask_history"] = self.mask_history
+        meta["task_in_progress"] = self.updates is not None
+        if self.penalty is not None:
+            p_tensors, p_meta = self.penalty.state_dict()
+            tensors.update({f"penalty.{k}": v for k, v in p_tensors.items()})
+            meta["penalty"] = p_meta
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        from .curvature.base import curvature_class
+
+        super().load_state_dict(tensors, meta)
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.masks = {n: m.bool() for n, m in part("fish.mask.").items()}
+        self.mask_history = list(meta.get("mask_history", []))
+        old = part("fish.old_fisher.")
+        self.old_fisher = curvature_class("diagonal").from_state_dict(old) if old else None
+        if self.penalty is not None and "penalty" in meta:
+            self.penalty.load_state_dict(part("penalty."), meta["penalty"])
+        if meta.get("task_in_progress") and self._params is not None:
+            self._start_updates(self._params, part("fish.start."))

@@ -6,11 +6,22 @@ import os
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .config import ContinualConfig
 from .methods import ContinualMethod, build_method
 from .state import check_parameters_match, has_state, load_state, save_state
+
+
+class _AfterOptimizerStep(TrainerCallback):
+    """Runs the method's ``after_optimizer_step`` right after every ``optimizer.step()``."""
+
+    def __init__(self, trainer: ContinualTrainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.method.after_optimizer_step(self.trainer.model)
 
 
 class ContinualTrainer(Trainer):
@@ -41,20 +52,43 @@ class ContinualTrainer(Trainer):
         if self.compute_loss_func is None:
             self.model_accepts_loss_kwargs = False
         self.method: ContinualMethod = build_method(args)
+        self._refuse_sharded_training()
+        self.add_callback(_AfterOptimizerStep(self))
         self._penalty_step = -1
         self._penalty_sum = 0.0
         self._penalty_count = 0
+
+    def _refuse_sharded_training(self) -> None:
+        """Curvature and masks are per full parameter tensor: refuse FSDP / DeepSpeed ZeRO instead of
+        silently estimating on shards."""
+        from accelerate.utils import DistributedType
+
+        if self.method.name in ("none", "replay", "joint"):
+            return
+        kind = self.accelerator.distributed_type
+        if self.args.fsdp or self.args.deepspeed or kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ValueError(
+                f"continual_method={self.method.name!r} does not support sharded training (FSDP / DeepSpeed "
+                "ZeRO): the Fisher, K-FAC factors and masks need whole parameter tensors on every process. "
+                "Supported: one process, or DDP over several GPUs/nodes/CPU processes (accelerate MULTI_GPU, "
+                "torchrun)."
+            )
 
     # ---- task boundaries ---------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """Train on ``self.train_dataset`` (mixed with old data for replay/joint) with a fresh optimizer."""
         if not self._user_optimizers:
             self.optimizer, self.lr_scheduler = None, None
+        if (
+            not resume_from_checkpoint
+        ):  # each task starts from a seed of its own: reproducible, resumable streams
+            task_seed = self.args.seed + len(self.method.tasks_seen)
+            enable_full_determinism(task_seed) if self.args.full_determinism else set_seed(task_seed)
         task_dataset = self.train_dataset
         self.train_dataset = self.method.prepare_train_dataset(task_dataset)
         self._penalty_step = -1
         try:
-            self.method.on_task_begin(self)
+            self.method.on_task_begin(self, task_dataset)
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
             self.train_dataset = task_dataset

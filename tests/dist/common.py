@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hf_continual import ContinualConfig, ContinualTrainer
@@ -17,6 +19,7 @@ def one_step_params(
     trainer_cls=ContinualTrainer,
     method: str = "none",
     prior_task: bool = False,
+    return_trainer: bool = False,
     **overrides,
 ) -> dict[str, torch.Tensor]:
     """Train one SGD step on the 8 examples of toy task 1 (optionally after task 0 + end_task) and return params."""
@@ -43,10 +46,9 @@ def one_step_params(
     )
     common.update(overrides)
     args_cls = ContinualConfig if trainer_cls is ContinualTrainer else _plain_args
-    if prior_task:
-        warm = ContinualConfig(
-            **{**common, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}
-        )
+    if prior_task:  # the same global batch of 8 for the prior task whatever the number of processes
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        warm = ContinualConfig(**{**common, "per_device_train_batch_size": GLOBAL_BATCH // world})
         t0 = ContinualTrainer(model=model, args=warm, train_dataset=tasks[0].train_dataset)
         t0.train()
         t0.end_task(tasks[0].train_dataset, task_name="t0")
@@ -62,7 +64,10 @@ def one_step_params(
     if prior_task:
         trainer.method = method_state
     trainer.train()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if return_trainer:
+        return params, trainer
+    return params
 
 
 def _plain_args(**kwargs):

@@ -1,0 +1,150 @@
+"""EWC, online EWC and K-FAC EWC through the trainer: closed-form gradients, scaling, and less forgetting."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_continual import ContinualConfig, ContinualTrainer
+from hf_continual.methods import trainable_parameters
+from hf_continual.stream import run_stream
+from hf_continual.toy import tiny_bert, toy_stream
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from common import GLOBAL_BATCH, one_step_params  # noqa: E402
+
+
+def _args(tmp_path, method, **kw):
+    values = dict(
+        output_dir=str(tmp_path / method),
+        continual_method=method,
+        use_cpu=True,
+        report_to="none",
+        num_train_epochs=8,
+        per_device_train_batch_size=32,
+        learning_rate=2e-3,
+        seed=0,
+        save_strategy="no",
+        logging_steps=4,
+        disable_tqdm=True,
+        fisher_batch_size=32,
+        fisher_num_samples=256,
+    )
+    values.update(kw)
+    return ContinualConfig(**values)
+
+
+def _consolidated_trainer(tmp_path, method, **kw):
+    tasks = toy_stream(n_train=64, n_eval=8)
+    trainer = ContinualTrainer(
+        model=tiny_bert(0),
+        args=_args(tmp_path, method, num_train_epochs=1, **kw),
+        train_dataset=tasks[0].train_dataset,
+    )
+    trainer.train()
+    trainer.end_task(task_name="t0")
+    with torch.no_grad():  # move away from the anchor so the penalty is not zero
+        for p in trainer.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "method, kw",
+    [
+        ("ewc", {}),
+        ("online_ewc", {}),
+        ("kfac", {}),
+        ("kfac", {"kfac_damping": 1e-3}),
+        ("kfac", {"kfac_mode": "expand"}),
+    ],
+)
+def test_closed_form_penalty_gradient_equals_autograd(tmp_path, method, kw):
+    trainer = _consolidated_trainer(tmp_path, method, continual_lambda=7.0, **kw)
+    model, m = trainer.model, trainer.method
+    params = trainable_parameters(model)
+    for p in params.values():
+        p.grad = None
+    value = m.apply_gradients(model)
+    closed = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+    for p in params.values():
+        p.grad = None
+    ref = m.penalty(model)
+    ref.backward()
+    assert value == pytest.approx(float(ref), rel=1e-4)
+    assert set(closed) == {n for n, p in params.items() if p.grad is not None}
+    for n, g in closed.items():
+        torch.testing.assert_close(g, params[n].grad, rtol=1e-4, atol=1e-7, msg=lambda s, n=n: f"{n}: {s}")
+
+
+def test_online_ewc_decays_and_per_task_ewc_keeps_terms(tmp_path):
+    tasks = toy_stream(n_train=32, n_eval=8)
+    fishers = {}
+    for method, kw in [("online_ewc", {"online_ewc_gamma": 0.5}), ("ewc", {"ewc_mode": "per_task"})]:
+        trainer = ContinualTrainer(
+            model=tiny_bert(0),
+            args=_args(tmp_path, method, num_train_epochs=1, **kw),
+            train_dataset=tasks[0].train_dataset,
+        )
+        for t in tasks[:2]:
+            trainer.train_dataset = t.train_dataset
+            trainer.train()
+            trainer.end_task(task_name=t.name)
+        fishers[method] = trainer.method.terms
+    assert len(fishers["online_ewc"]) == 1 and len(fishers["ewc"]) == 2
+    # online: F = 0.5 * F_0 + F_1, where F_0, F_1 are the per-task Fishers of the per-task run (same training)
+    f_online = fishers["online_ewc"][0][1].diagonal()
+    f0, f1 = (term[1].diagonal() for term in fishers["ewc"])
+    name = "classifier.weight"
+    torch.testing.assert_close(f_online[name], 0.5 * f0[name] + f1[name], rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["ewc", "kfac"])
+def test_penalty_update_same_with_grad_accumulation(tmp_path, method):
+    full = one_step_params(str(tmp_path / "a"), GLOBAL_BATCH, 1, method=method, prior_task=True)
+    accum = one_step_params(str(tmp_path / "b"), GLOBAL_BATCH // 2, 2, method=method, prior_task=True)
+    for n in full:
+        torch.testing.assert_close(full[n], accum[n], rtol=1e-5, atol=1e-6)
+
+
+def test_penalty_update_same_with_two_processes(tmp_path, torchrun):
+    single = one_step_params(str(tmp_path / "a"), GLOBAL_BATCH, 1, method="ewc", prior_task=True)
+    out = tmp_path / "dist.pt"
+    torchrun("scaling_dist.py", str(out), "ewc", "prior")
+    rank0, rank1 = torch.load(out), torch.load(str(out) + ".rank1")
+    for n in single:
+        torch.testing.assert_close(rank0[n], rank1[n], rtol=0, atol=0)
+        torch.testing.assert_close(single[n], rank0[n], rtol=1e-5, atol=1e-6)
+
+
+def test_penalty_is_logged(tmp_path):
+    _, trainer = one_step_params(
+        str(tmp_path / "a"),
+        4,
+        1,
+        method="ewc",
+        prior_task=True,
+        return_trainer=True,
+        logging_strategy="steps",
+        logging_steps=1,
+    )
+    logged = [h for h in trainer.state.log_history if "continual_penalty" in h]
+    assert logged and logged[0]["continual_penalty"] >= 0
+
+
+@pytest.fixture(scope="module")
+def toy_forgetting(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("forget")
+    out = {}
+    for method, kw in [("none", {}), ("ewc", {"continual_lambda": 1e4}), ("kfac", {"continual_lambda": 1e5})]:
+        out[method] = run_stream(
+            tiny_bert(0), toy_stream(), _args(tmp, method, logging_strategy="no", **kw)
+        ).metrics
+    return out
+
+
+@pytest.mark.parametrize("method", ["ewc", "kfac"])
+def test_penalties_forget_less_than_plain_finetuning(toy_forgetting, method):
+    assert toy_forgetting["none"]["forgetting"] > 0.1
+    assert toy_forgetting[method]["forgetting"] < toy_forgetting["none"]["forgetting"] - 0.05
