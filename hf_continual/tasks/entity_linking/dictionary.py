@@ -1,0 +1,213 @@
+"""Concept vocabularies ("dictionaries") for entity linking: readers, name normalisation, candidate sets.
+
+Two on-disk formats are read by one entry point, :func:`load_dictionary`, chosen by the file name:
+
+* MEDIC / BioSyn style ``ID[|ID...]||name[|synonym...]`` (``.txt``, optionally ``.gz``);
+* a TSV with a header (``.tsv``/``.tsv.gz``), id column ``ChemicalID``, name column ``ChemicalName`` and
+  ``|``-joined ``Synonyms`` by default (the MeSH chemical file; CTD's files have the same columns).
+
+Ids go through :func:`~.pubtator.normalize_concept_id`, so the corpus side and the dictionary side compare
+equal. Names are indexed by :func:`normalize_name`, the single normalisation used for mentions, dictionary
+names, retrieval and training text alike.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import random
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DictionaryFormatError
+from .pubtator import normalize_concept_id
+
+_PUNCT = re.compile(r"[^\w\s]|_", flags=re.UNICODE)
+_SPACE = re.compile(r"\s+", flags=re.UNICODE)
+
+
+def normalize_name(text: str) -> str:
+    """Lowercase, fold punctuation to spaces and collapse whitespace (``"Type-2 Diabetes,"`` -> ``"type 2 diabetes"``)."""
+    return _SPACE.sub(" ", _PUNCT.sub(" ", text.lower())).strip()
+
+
+@dataclass(frozen=True)
+class DictionaryEntry:
+    """One name of one concept record as written in the vocabulary, with the record's canonical ids."""
+
+    name: str
+    ids: tuple[str, ...]
+
+
+class Dictionary:
+    """A concept vocabulary indexed by normalised name.
+
+    ``entries`` keeps every (name, ids) pair as read. ``names[i]`` is a unique normalised name and
+    ``name_ids[i]`` the ids of every record that has it (a name can belong to several concepts);
+    ``id_to_names`` maps an id to the indices of its names. Empty normalised names are skipped.
+    """
+
+    def __init__(
+        self, entries: Iterable[DictionaryEntry | tuple[str, Sequence[str]]], source: str = ""
+    ) -> None:
+        self.source = source
+        self.entries: list[DictionaryEntry] = [
+            e if isinstance(e, DictionaryEntry) else DictionaryEntry(e[0], tuple(e[1])) for e in entries
+        ]
+        index: dict[str, int] = {}
+        self.names: list[str] = []
+        ids_per_name: list[list[str]] = []
+        for entry in self.entries:
+            norm = normalize_name(entry.name)
+            if not norm:
+                continue
+            i = index.get(norm)
+            if i is None:
+                i = index[norm] = len(self.names)
+                self.names.append(norm)
+                ids_per_name.append([])
+            for concept_id in entry.ids:
+                if concept_id not in ids_per_name[i]:
+                    ids_per_name[i].append(concept_id)
+        self.name_ids: list[tuple[str, ...]] = [tuple(ids) for ids in ids_per_name]
+        self.name_index = index
+        self.id_to_names: dict[str, list[int]] = {}
+        for i, ids in enumerate(self.name_ids):
+            for concept_id in ids:
+                self.id_to_names.setdefault(concept_id, []).append(i)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, concept_id: object) -> bool:
+        return concept_id in self.id_to_names
+
+    def __repr__(self) -> str:
+        return f"Dictionary({len(self.names)} names, {len(self.id_to_names)} ids, source={self.source!r})"
+
+    @property
+    def num_ids(self) -> int:
+        """Number of distinct concept ids."""
+        return len(self.id_to_names)
+
+    def names_of(self, concept_id: str) -> list[str]:
+        """Normalised names of one concept id (empty list when the id is not in the dictionary)."""
+        return [self.names[i] for i in self.id_to_names.get(concept_id, [])]
+
+    def linkable(self, gold_ids: Iterable[str]) -> bool:
+        """True when at least one gold atom is in the dictionary (lenient, as the evaluation)."""
+        return any(g in self.id_to_names for g in gold_ids)
+
+    def subset(self, name_indices: Iterable[int], source: str | None = None) -> Dictionary:
+        """A new dictionary made of the given unique names, each with all its ids."""
+        rows = sorted(set(name_indices))
+        return Dictionary(
+            [DictionaryEntry(self.names[i], self.name_ids[i]) for i in rows],
+            source=self.source if source is None else source,
+        )
+
+    def candidate_set(self, gold_ids: Iterable[str], num_other: int = 20_000, seed: int = 0) -> Dictionary:
+        """The documented reduced evaluation set: every name of every given gold id, plus a fixed-seed
+        sample of ``num_other`` other names (names that carry none of the gold ids)."""
+        gold = set(gold_ids)
+        keep = {i for g in gold for i in self.id_to_names.get(g, [])}
+        others = [i for i in range(len(self.names)) if i not in keep]
+        rng = random.Random(seed)
+        sample = rng.sample(others, min(num_other, len(others)))
+        return self.subset(
+            keep.union(sample), source=f"{self.source} [gold ids + {len(sample)} sampled names]"
+        )
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
+def iter_medic_entries(lines: Iterable[str], source: str | Path = "<lines>") -> Iterator[DictionaryEntry]:
+    """Parse ``ID[|ID...]||name[|synonym...]`` lines; blank and ``#`` lines are skipped.
+
+    Raises :class:`DictionaryFormatError` (file, 1-based line) when ``||`` is missing or ids/names are empty.
+    """
+    for line_number, raw in enumerate(lines, start=1):
+        line = raw.rstrip("\r\n")
+        if not line.strip() or line.startswith("#"):
+            continue
+        if "||" not in line:
+            raise DictionaryFormatError(source, line_number, "expected 'ID[|ID...]||name[|synonym...]'", line)
+        id_part, name_part = line.split("||", 1)
+        ids = [normalize_concept_id(a) for a in id_part.split("|")]
+        names = [n.strip() for n in name_part.split("|") if n.strip()]
+        if not ids or any(not a for a in ids):
+            raise DictionaryFormatError(source, line_number, "empty concept id", line)
+        if not names:
+            raise DictionaryFormatError(source, line_number, "concept without a name", line)
+        for name in names:
+            yield DictionaryEntry(name, tuple(ids))
+
+
+def iter_tsv_entries(
+    lines: Iterable[str],
+    source: str | Path = "<lines>",
+    id_column: str = "ChemicalID",
+    name_column: str = "ChemicalName",
+    synonym_column: str | None = "Synonyms",
+) -> Iterator[DictionaryEntry]:
+    """Parse a headed TSV vocabulary (one record per line; synonyms ``|``-joined; ids may be ``|``-joined).
+
+    Leading ``#`` comment lines are skipped (CTD files carry them); the first other line is the header
+    (a leading ``#`` on it is removed). Raises :class:`DictionaryFormatError` (file, 1-based line) for a
+    missing column, a wrong field count or an empty id/name.
+    """
+    header: list[str] | None = None
+    for line_number, raw in enumerate(lines, start=1):
+        line = raw.rstrip("\r\n")
+        if header is None:
+            stripped = line.lstrip("#").strip()
+            if line.startswith("#") and id_column not in stripped.split("\t"):
+                continue
+            if not stripped:
+                continue
+            header = [h.strip() for h in stripped.split("\t")]
+            missing = [c for c in (id_column, name_column) if c not in header]
+            if missing:
+                raise DictionaryFormatError(source, line_number, f"header lacks column(s) {missing}", line)
+            id_at, name_at = header.index(id_column), header.index(name_column)
+            syn_at = header.index(synonym_column) if synonym_column and synonym_column in header else None
+            continue
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise DictionaryFormatError(
+                source, line_number, f"expected {len(header)} tab-separated fields, got {len(fields)}", line
+            )
+        ids = [normalize_concept_id(a) for a in fields[id_at].split("|") if a.strip()]
+        name = fields[name_at].strip()
+        if not ids:
+            raise DictionaryFormatError(source, line_number, f"empty {id_column}", line)
+        if not name:
+            raise DictionaryFormatError(source, line_number, f"empty {name_column}", line)
+        names = [name]
+        if syn_at is not None:
+            names += [s.strip() for s in fields[syn_at].split("|") if s.strip()]
+        for n in names:
+            yield DictionaryEntry(n, tuple(ids))
+    if header is None:
+        raise DictionaryFormatError(source, 1, "empty TSV vocabulary (no header line)")
+
+
+def load_dictionary(path: str | Path, **tsv_columns: str | None) -> Dictionary:
+    """Load any supported vocabulary file: ``*.tsv``/``*.tsv.gz`` -> :func:`iter_tsv_entries` (keyword
+    arguments override the column names), anything else -> :func:`iter_medic_entries`."""
+    path = Path(path)
+    suffixes = [s.lower() for s in path.suffixes]
+    with _open_text(path) as handle:
+        if ".tsv" in suffixes:
+            entries = list(iter_tsv_entries(handle, source=path, **tsv_columns))
+        else:
+            entries = list(iter_medic_entries(handle, source=path))
+    return Dictionary(entries, source=str(path))

@@ -1,0 +1,161 @@
+"""Entity-linking evaluation: acc@k of nearest-name retrieval over a candidate dictionary.
+
+A mention is correct at k when one of the first k distinct concepts among its ranked names carries a gold
+id. A "concept" is the id set of a name (names shared by several records carry the union), so synonyms
+of one concept take one rank only. Gold id sets are compared leniently: for a composite mention any gold
+atom counts. Mentions without a gold id (``-1``) or whose gold ids are all outside the dictionary stay in
+the denominator as errors and are reported (``unlinkable``, ``not_in_dictionary``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .dictionary import Dictionary
+from .retriever import TfidfRetriever
+
+
+def accuracy_at_k(
+    ranked: Iterable[Sequence[int]],
+    name_ids: Sequence[Sequence[str]],
+    gold: Sequence[Iterable[str]],
+    ks: Sequence[int] = (1, 5),
+) -> dict[str, float]:
+    """acc@k for ranked name indices (best first) per mention; returns ``acc@k`` fractions and ``correct@k``."""
+    ks = sorted(ks)
+    correct = dict.fromkeys(ks, 0)
+    total = 0
+    for order, gold_ids in zip(ranked, gold):
+        total += 1
+        gold_set = set(gold_ids)
+        seen: set[frozenset[str]] = set()
+        hit_rank = None
+        for i in order:
+            concept = frozenset(name_ids[int(i)])
+            if concept in seen:
+                continue
+            seen.add(concept)
+            if gold_set & concept:
+                hit_rank = len(seen)
+                break
+            if len(seen) >= ks[-1]:
+                break
+        for k in ks:
+            correct[k] += hit_rank is not None and hit_rank <= k
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"acc@{k}"] = correct[k] / total if total else 0.0
+        out[f"correct@{k}"] = float(correct[k])
+    return out
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of every parameter and buffer (names, shapes, bytes): equal iff the model state is equal."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+class RetrievalEvaluator:
+    """acc@1 / acc@5 of a :class:`~.model.DualEncoderModel` (or the TF-IDF baseline) on fixed mentions.
+
+    ``queries`` are the mention texts to link (already abbreviation-expanded if wanted), ``gold`` their
+    gold id lists, ``candidates`` the dictionary searched. Name and mention embeddings are cached per model
+    state (key: :func:`model_fingerprint`), so evaluating an unchanged model again does not re-encode;
+    at most ``cache_size`` states are kept.
+    """
+
+    def __init__(
+        self,
+        queries: Sequence[str],
+        gold: Sequence[Sequence[str]],
+        candidates: Dictionary,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        full_dictionary: bool = False,
+        ks: Sequence[int] = (1, 5),
+        batch_size: int = 128,
+        max_length: int | None = None,
+        top_names: int = 64,
+        cache_size: int = 2,
+        show_progress: bool = True,
+    ) -> None:
+        self.queries = list(queries)
+        self.gold = [list(g) for g in gold]
+        self.candidates = candidates
+        self.tokenizer = tokenizer
+        self.full_dictionary = full_dictionary
+        self.ks = tuple(ks)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.top_names = top_names
+        self.cache_size = cache_size
+        self.show_progress = show_progress
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.encode_calls = 0
+        self.unlinkable = sum(not g for g in self.gold)
+        self.not_in_dictionary = sum(bool(g) and not candidates.linkable(g) for g in self.gold)
+
+    def _counts(self) -> dict[str, float]:
+        return {
+            "mentions": float(len(self.queries)),
+            "unlinkable": float(self.unlinkable),
+            "not_in_dictionary": float(self.not_in_dictionary),
+            "candidate_names": float(len(self.candidates)),
+            "candidate_set_full": float(self.full_dictionary),
+        }
+
+    def _finish(self, ranked: Iterable[Sequence[int]]) -> dict[str, float]:
+        result = accuracy_at_k(ranked, self.candidates.name_ids, self.gold, self.ks)
+        linkable = len(self.queries) - self.unlinkable - self.not_in_dictionary
+        for k in self.ks:
+            result[f"acc@{k}_linkable"] = result[f"correct@{k}"] / linkable if linkable else 0.0
+        result.update(self._counts())
+        return result
+
+    def embeddings(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mention embeddings [Q, H], candidate-name embeddings [N, H]) for the model's current state."""
+        key = f"{model_fingerprint(model)}:{self.max_length}"
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        kwargs = {"batch_size": self.batch_size, "tokenizer": self.tokenizer, "max_length": self.max_length}
+        names = model.encode(
+            self.candidates.names, show_progress=self.show_progress, desc="dictionary", **kwargs
+        )
+        mentions = model.encode(self.queries, show_progress=self.show_progress, desc="mentions", **kwargs)
+        self.encode_calls += 1
+        self._cache[key] = (mentions, names)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return mentions, names
+
+    def rank(self, mention_emb: torch.Tensor, name_emb: torch.Tensor, block: int = 1024) -> np.ndarray:
+        """Indices [Q, top_names] of the most similar names per mention (cosine; best first)."""
+        k = min(self.top_names, name_emb.shape[0])
+        out = np.zeros((mention_emb.shape[0], k), dtype=np.int64)
+        for lo in range(0, mention_emb.shape[0], block):
+            scores = mention_emb[lo : lo + block] @ name_emb.T
+            out[lo : lo + block] = torch.topk(scores, k, dim=1).indices.numpy()
+        return out
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """acc@k (fractions), ``correct@k``, ``acc@k_linkable`` and the counts for ``model``."""
+        mention_emb, name_emb = self.embeddings(model)
+        return self._finish(self.rank(mention_emb, name_emb))
+
+    def evaluate_tfidf(self, retriever: TfidfRetriever | None = None) -> dict[str, float]:
+        """The same metrics for the char-3-gram TF-IDF baseline over the same candidate names."""
+        from .dictionary import normalize_name
+
+        retriever = retriever or TfidfRetriever(self.candidates.names)
+        ranked, _ = retriever.topk([normalize_name(q) for q in self.queries], self.top_names)
+        return self._finish(ranked)
