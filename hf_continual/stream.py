@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.trainer_utils import get_last_checkpoint
 
 from .config import ContinualConfig
 from .metrics import continual_metrics
@@ -107,11 +109,16 @@ def run_stream(
     extra: dict[str, Any] | None = None,
     save_final_model: bool = False,
     trainer_kwargs: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> StreamResult:
     """Train ``tasks`` in order with ``args.continual_method``; evaluate all tasks before and after each task.
 
     Writes ``results.json``, ``accuracy_matrix.png`` and ``accuracy_matrix.md`` into ``output_dir`` (default
-    ``args.output_dir``) on the main process only; every process returns the same result.
+    ``args.output_dir``) on the main process only; every process returns the same result. Each task trains in
+    ``output_dir/tasks/NN-name`` (its Trainer checkpoints go there) and, after each task, the model, its
+    continual state and the rows of R so far are saved in ``output_dir/progress``. With ``resume=True`` a killed
+    run continues from there: completed tasks are skipped and the interrupted task resumes from its last
+    Trainer checkpoint, so it ends with the same R as an uninterrupted run.
     """
     if not tasks:
         raise ValueError("run_stream needs at least one task")
@@ -127,18 +134,32 @@ def run_stream(
         data_collator=tasks[0].data_collator,
         **(trainer_kwargs or {}),
     )
-    timings: dict[str, Any] = {"train_s": [], "consolidate_s": [], "evaluate_s": []}
-    t0 = time.perf_counter()
-    initial, initial_details = evaluate_all(tasks, trainer.model)
-    timings["initial_evaluate_s"] = time.perf_counter() - t0
-    R: list[list[float]] = []
-    details: dict[str, Any] = {"initial": initial_details, "after": []}
-    for task in tasks:
+    progress_dir = os.path.join(output_dir, PROGRESS_DIR)
+    progress = _load_progress(trainer, progress_dir, tasks) if resume else None
+    if progress is None:
+        timings: dict[str, Any] = {"train_s": [], "consolidate_s": [], "evaluate_s": []}
+        t0 = time.perf_counter()
+        initial, initial_details = evaluate_all(tasks, trainer.model)
+        timings["initial_evaluate_s"] = time.perf_counter() - t0
+        R: list[list[float]] = []
+        details: dict[str, Any] = {"initial": initial_details, "after": []}
+    else:
+        R, initial, details, timings = (
+            progress["R"],
+            progress["initial"],
+            progress["details"],
+            progress["timings"],
+        )
+    for i in range(len(R), len(tasks)):
+        task = tasks[i]
         trainer.train_dataset = task.train_dataset
         if task.data_collator is not None:
             trainer.data_collator = task.data_collator
+        task_dir = os.path.join(output_dir, "tasks", f"{i:02d}-{task.name}")
+        trainer.args.output_dir = task_dir
+        checkpoint = get_last_checkpoint(task_dir) if resume and os.path.isdir(task_dir) else None
         t0 = time.perf_counter()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=checkpoint)
         timings["train_s"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         trainer.end_task(task.train_dataset, task_name=task.name)
@@ -148,6 +169,11 @@ def run_stream(
         timings["evaluate_s"].append(time.perf_counter() - t0)
         R.append(row)
         details["after"].append(row_details)
+        if i + 1 < len(tasks):
+            _save_progress(
+                trainer, progress_dir, {"R": R, "initial": initial, "details": details, "timings": timings}
+            )
+    trainer.args.output_dir = output_dir
     result = StreamResult(
         method=args.continual_method,
         tasks=names,
@@ -166,6 +192,51 @@ def run_stream(
         write_stream_outputs(result, output_dir)
     result.trainer = trainer
     return result
+
+
+PROGRESS_DIR = "progress"
+PROGRESS_FILE = "progress.json"
+
+
+def _save_progress(trainer: ContinualTrainer, progress_dir: str, record: dict[str, Any]) -> None:
+    """Model + continual state + rows of R so far; written beside the old copy, then swapped in."""
+    tmp = progress_dir + ".tmp"
+    if trainer.is_world_process_zero() and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(tmp)
+    if trainer.is_world_process_zero():
+        atomic_write_json(os.path.join(tmp, PROGRESS_FILE), record)
+        old = progress_dir + ".old"
+        if os.path.isdir(progress_dir):
+            os.replace(progress_dir, old)
+        os.replace(tmp, progress_dir)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _load_progress(
+    trainer: ContinualTrainer, progress_dir: str, tasks: Sequence[Task]
+) -> dict[str, Any] | None:
+    """Restore model, continual state and R rows from ``progress_dir`` (None when there is nothing to resume)."""
+    if not os.path.isfile(os.path.join(progress_dir, PROGRESS_FILE)):
+        old = progress_dir + ".old"  # killed between the two renames of _save_progress
+        if os.path.isfile(os.path.join(old, PROGRESS_FILE)):
+            progress_dir = old
+        else:
+            return None
+    with open(os.path.join(progress_dir, PROGRESS_FILE)) as fh:
+        record = json.load(fh)
+    done = len(record["R"])
+    trainer._load_from_checkpoint(progress_dir)  # weights, then the continual state saved beside them
+    seen = trainer.method.tasks_seen
+    if seen != [t.name for t in tasks[:done]]:
+        raise ValueError(
+            f"{progress_dir}: saved progress is for tasks {seen}, not the first {done} of this stream"
+        )
+    trainer.method.restore_past_data([t.train_dataset for t in tasks[:done]])
+    return record
 
 
 def write_stream_outputs(result: StreamResult, output_dir: str | os.PathLike) -> None:

@@ -1,0 +1,170 @@
+"""Hub model card (README.md) for a model trained on a task stream.
+
+The YAML metadata carries ``base_model``, ``datasets``, ``tags`` (continual-learning and the method) and a
+``model-index`` with one result per task after the last task plus the stream metrics ACC/BWT/FWT/forgetting;
+the body gives the task order, method and hyper-parameters, the accuracy matrix and how to continue training.
+Every number comes from the stream's ``results.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .report import matrix_markdown, metrics_markdown
+from .state import atomic_write_text
+from .stream import HEATMAP_FILE, load_results
+
+CARD_FILE = "README.md"
+STREAM_METRICS = ("acc", "bwt", "fwt", "forgetting")
+
+
+def _hyper_parameters(results: dict[str, Any]) -> dict[str, Any]:
+    cfg = results.get("config", {})
+    method = results.get("method", cfg.get("continual_method"))
+    keys = ["continual_method", "learning_rate", "num_train_epochs", "per_device_train_batch_size", "seed"]
+    if method in ("ewc", "online_ewc", "kfac") or cfg.get("fish_penalty", "none") != "none":
+        keys += ["continual_lambda", "fisher_type", "fisher_num_samples", "fisher_mc_samples"]
+    keys += {
+        "ewc": ["ewc_mode"],
+        "online_ewc": ["online_ewc_gamma"],
+        "kfac": ["kfac_mode", "kfac_damping", "kfac_cross_task", "kfac_rank"],
+        "fish": ["fish_keep_ratio", "fish_num_samples", "fish_scope", "fish_protect", "fish_penalty"],
+        "replay": ["replay_per_task"],
+    }.get(method, [])
+    return {k: cfg[k] for k in keys if k in cfg}
+
+
+def build_model_card(
+    results: dict[str, Any],
+    model_name: str,
+    base_model: str | None = None,
+    datasets: list[str] | None = None,
+    task_descriptions: dict[str, str] | None = None,
+    heatmap: str | None = HEATMAP_FILE,
+    license: str | None = None,
+    notes: str = "",
+) -> ModelCard:
+    """A :class:`huggingface_hub.ModelCard` from a stream's results dict (see :mod:`hf_continual.stream`)."""
+    tasks: list[str] = results["tasks"]
+    R = results["accuracy_matrix"]
+    metric = results.get("metric", "score")
+    method = results.get("method", "none")
+    final = R[-1]
+    eval_results = [
+        EvalResult(
+            task_type="continual-learning",
+            task_name=f"{task} (after the last task)",
+            dataset_type=task,
+            dataset_name=task,
+            dataset_split=(task_descriptions or {}).get(task, "test"),
+            metric_type=metric,
+            metric_name=metric,
+            metric_value=round(float(final[j]), 6),
+        )
+        for j, task in enumerate(tasks)
+    ]
+    stream_name = " -> ".join(tasks)
+    for key in STREAM_METRICS:
+        value = results["metrics"].get(key)
+        if value is not None:
+            eval_results.append(
+                EvalResult(
+                    task_type="continual-learning",
+                    task_name="task stream",
+                    dataset_type="task-stream",
+                    dataset_name=stream_name,
+                    metric_type=key,
+                    metric_name=key.upper(),
+                    metric_value=round(float(value), 6),
+                )
+            )
+    data = ModelCardData(
+        model_name=model_name,
+        base_model=base_model,
+        datasets=datasets or None,
+        license=license,
+        library_name="transformers",
+        tags=["continual-learning", method, "hf_continual"],
+        eval_results=eval_results,
+    )
+    hp = _hyper_parameters(results)
+    hp_lines = "\n".join(f"- `{k}`: {v}" for k, v in hp.items())
+    image = f"\n![accuracy matrix]({heatmap})\n" if heatmap else ""
+    body = f"""
+# {model_name}
+
+Fine-tuned on a sequence of tasks with [hf_continual](https://pypi.org/project/hf-continual/) using the
+continual method **{method}**{f", starting from `{base_model}`" if base_model else ""}.
+
+## Task order
+
+{os.linesep.join(f"{i + 1}. {t}" for i, t in enumerate(tasks))}
+
+## Method and hyper-parameters
+
+{hp_lines}
+
+## Accuracy matrix ({metric}, x100)
+
+Row "after X" is the model right after training task X; column Y is the score on task Y. "(start)" is the
+model before any task.
+
+{matrix_markdown(tasks, R, results.get("initial"))}
+{image}
+## Stream metrics (points)
+
+ACC = mean final score; BWT = mean (final - right after learning) over earlier tasks; FWT = mean (score before
+training a task - starting score); forgetting = mean (best earlier score - final score).
+
+{metrics_markdown(results["metrics"])}
+## Continue training on a new task
+
+The continual state (anchors, curvature, masks, task history) is saved beside the weights
+(`continual_state.safetensors`, `continual_state.json`), so the earlier tasks stay protected without their data:
+
+```python
+from hf_continual import ContinualConfig, ContinualTrainer
+
+trainer = ContinualTrainer(model=model, args=ContinualConfig(output_dir="next", continual_method="{method}"),
+                           train_dataset=new_task_train)
+trainer.load_continual_state("path/to/this/model")
+trainer.train(); trainer.end_task(task_name="new-task")
+trainer.save_model("next/final")
+```
+{notes}
+"""
+    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body)
+
+
+def write_model_card(
+    output_dir: str | os.PathLike,
+    results: dict[str, Any] | None = None,
+    model_name: str | None = None,
+    **kwargs: Any,
+) -> str:
+    """Write ``README.md`` into ``output_dir`` (atomically) from ``results`` or ``output_dir/results.json``.
+
+    Copies the heatmap beside the card when it lives elsewhere. Returns the card's path.
+    """
+    output_dir = os.fspath(output_dir)
+    if results is None:
+        results = load_results(output_dir)
+    heatmap_src = kwargs.pop("heatmap_source", None)
+    if heatmap_src and os.path.exists(heatmap_src):
+        dest = os.path.join(output_dir, HEATMAP_FILE)
+        if os.path.abspath(heatmap_src) != os.path.abspath(dest):
+            shutil.copyfile(heatmap_src, dest)
+    has_heatmap = os.path.exists(os.path.join(output_dir, HEATMAP_FILE))
+    card = build_model_card(
+        results,
+        model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
+        heatmap=HEATMAP_FILE if has_heatmap else None,
+        **kwargs,
+    )
+    path = os.path.join(output_dir, CARD_FILE)
+    atomic_write_text(path, str(card))
+    return path

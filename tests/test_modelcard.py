@@ -1,0 +1,52 @@
+import pytest
+from huggingface_hub import ModelCard
+
+from hf_continual.metrics import continual_metrics
+from hf_continual.modelcard import write_model_card
+from hf_continual.stream import StreamResult, write_stream_outputs
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    R = [[0.8, 0.3, 0.1], [0.6, 0.9, 0.2], [0.5, 0.7, 0.95]]
+    b = [0.2, 0.25, 0.05]
+    result = StreamResult(
+        method="kfac",
+        tasks=["ncbi-disease", "bc5cdr-disease", "bc5cdr-chemical"],
+        accuracy_matrix=R,
+        initial=b,
+        metrics=continual_metrics(R, b),
+        metric_name="acc@1",
+        details={},
+        timings={},
+        config={
+            "continual_method": "kfac",
+            "continual_lambda": 100.0,
+            "kfac_mode": "reduce",
+            "learning_rate": 2e-5,
+        },
+    )
+    write_stream_outputs(result, tmp_path)
+    return tmp_path, result
+
+
+def test_card_parses_and_metrics_equal_results(results_dir):
+    out, result = results_dir
+    path = write_model_card(
+        out, base_model="sentence-transformers/all-MiniLM-L6-v2", datasets=["ncbi_disease"]
+    )
+    card = ModelCard.load(path)
+    data = card.data.to_dict()
+    assert "continual-learning" in data["tags"] and "kfac" in data["tags"]
+    assert data["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    values = {}
+    for r in card.data.eval_results:
+        values[(r.dataset_name, r.metric_type)] = r.metric_value
+    for j, task in enumerate(result.tasks):
+        assert values[(task, "acc@1")] == pytest.approx(result.accuracy_matrix[-1][j])
+    stream = " -> ".join(result.tasks)
+    for key in ("acc", "bwt", "fwt", "forgetting"):
+        assert values[(stream, key)] == pytest.approx(result.metrics[key], abs=1e-6)
+    text = card.text
+    assert "| ncbi-disease | 80.0 | 30.0 | 10.0 |" in text
+    assert "accuracy_matrix.png" in text and "continual_lambda" in text and "load_continual_state" in text

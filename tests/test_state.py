@@ -1,0 +1,170 @@
+"""Continual state: round trip, corruption, mismatch, kill-and-resume, continuing from a saved directory."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification
+
+from hf_continual import ContinualConfig, ContinualTrainer
+from hf_continual.state import STATE_META, STATE_TENSORS, ContinualStateError, load_state
+from hf_continual.toy import tiny_bert, toy_stream
+
+DIST = Path(__file__).parent / "dist"
+
+
+def _args(tmp_path, method, **kw):
+    values = dict(
+        output_dir=str(tmp_path / "run"),
+        continual_method=method,
+        use_cpu=True,
+        report_to="none",
+        num_train_epochs=2,
+        per_device_train_batch_size=16,
+        learning_rate=2e-3,
+        seed=0,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        fisher_batch_size=16,
+        fisher_num_samples=64,
+        fish_keep_ratio=0.05,
+        fish_num_samples=32,
+        continual_lambda=100.0,
+    )
+    values.update(kw)
+    return ContinualConfig(**values)
+
+
+def _train_task0(tmp_path, method, **kw):
+    tasks = toy_stream(n_train=64, n_eval=16)
+    trainer = ContinualTrainer(
+        model=tiny_bert(0), args=_args(tmp_path, method, **kw), train_dataset=tasks[0].train_dataset
+    )
+    trainer.train()
+    trainer.end_task(task_name="toy-a")
+    return trainer, tasks
+
+
+def _penalty_after_perturbation(trainer):
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    for p in trainer.model.parameters():
+        p.grad = None
+    value = trainer.method.apply_gradients(trainer.model)
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return value, grads
+
+
+@pytest.mark.parametrize(
+    "method, kw",
+    [
+        ("ewc", {}),
+        ("online_ewc", {}),
+        ("kfac", {}),
+        ("kfac", {"kfac_rank": 4}),
+        ("fish", {"fish_penalty": "ewc", "fish_protect": True}),
+    ],
+)
+def test_round_trip_reproduces_penalty_and_mask(tmp_path, method, kw):
+    trainer, _ = _train_task0(tmp_path, method, **kw)
+    trainer.save_model(str(tmp_path / "saved"))
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "saved")
+    fresh = ContinualTrainer(model=model, args=_args(tmp_path, method, **kw))
+    fresh.load_continual_state(tmp_path / "saved")
+    assert fresh.method.tasks_seen == ["toy-a"]
+    if method == "fish":
+        assert set(fresh.method.masks) == set(trainer.method.masks)
+        for n, m in trainer.method.masks.items():
+            assert torch.equal(fresh.method.masks[n], m)
+    v1, g1 = _penalty_after_perturbation(trainer)
+    v2, g2 = _penalty_after_perturbation(fresh)
+    assert v1 == v2 and v1 > 0
+    assert set(g1) == set(g2)
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), n
+
+
+def test_truncated_or_corrupted_state_is_a_clear_error(tmp_path):
+    trainer, _ = _train_task0(tmp_path, "ewc")
+    saved = tmp_path / "saved"
+    trainer.save_model(str(saved))
+    data = (saved / STATE_TENSORS).read_bytes()
+    (saved / STATE_TENSORS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ContinualStateError, match="truncated or corrupted"):
+        load_state(saved)
+    (saved / STATE_META).write_text("{not json")
+    with pytest.raises(ContinualStateError, match="corrupted continual state record"):
+        load_state(saved)
+    os.remove(saved / STATE_META)
+    with pytest.raises(ContinualStateError, match="no continual state"):
+        load_state(saved)
+
+
+def test_mismatched_model_names_the_parameters(tmp_path):
+    trainer, _ = _train_task0(tmp_path, "ewc")
+    trainer.save_model(str(tmp_path / "saved"))
+    other = ContinualTrainer(model=tiny_bert(0, intermediate_size=40), args=_args(tmp_path, "ewc"))
+    with pytest.raises(
+        ContinualStateError, match=r"intermediate\.dense\.weight saved \[48, 32\] vs model \[40, 32\]"
+    ):
+        other.load_continual_state(tmp_path / "saved")
+    wrong_method = ContinualTrainer(model=tiny_bert(0), args=_args(tmp_path, "kfac"))
+    with pytest.raises(ValueError, match="saved by method 'ewc'"):
+        wrong_method.load_continual_state(tmp_path / "saved")
+
+
+def test_no_half_written_state_files(tmp_path):
+    trainer, _ = _train_task0(tmp_path, "ewc")
+    trainer.save_model(str(tmp_path / "saved"))
+    leftovers = [
+        p.name for p in (tmp_path / "saved").iterdir() if p.name.startswith(".") or p.suffix == ".tmp"
+    ]
+    assert leftovers == []
+
+
+def test_continue_from_saved_directory_equals_same_process(tmp_path):
+    trainer, tasks = _train_task0(tmp_path, "ewc")
+    trainer.save_model(str(tmp_path / "published"))
+    # same process: go on with task 2
+    trainer.train_dataset = tasks[1].train_dataset
+    trainer.train()
+    same = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    # months later, without task 1's data: load the published directory and train task 2
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "published")
+    later = ContinualTrainer(model=model, args=_args(tmp_path, "ewc"), train_dataset=tasks[1].train_dataset)
+    later.load_continual_state(tmp_path / "published")
+    later.train()
+    for n, p in later.model.named_parameters():
+        torch.testing.assert_close(p.detach(), same[n], rtol=1e-5, atol=1e-6)
+
+
+def _run(out, mode):
+    env = {**os.environ, "PYTHONPATH": str(DIST)}
+    return subprocess.run(
+        [sys.executable, str(DIST / "kill_resume.py"), str(out), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_sigkill_during_task_2_then_resume_gives_same_matrix(tmp_path):
+    full = _run(tmp_path / "full", "plain")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _run(tmp_path / "killed", "kill")
+    assert killed.returncode == -9, f"expected SIGKILL, got {killed.returncode}: {killed.stderr[-2000:]}"
+    assert (tmp_path / "killed" / "progress" / "progress.json").is_file()
+    assert any((tmp_path / "killed" / "tasks" / "01-toy-not-a").glob("checkpoint-*"))
+    resumed = _run(tmp_path / "killed", "resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = json.loads((tmp_path / "full" / "results.json").read_text())["accuracy_matrix"]
+    b = json.loads((tmp_path / "killed" / "results.json").read_text())["accuracy_matrix"]
+    assert a == b
