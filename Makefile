@@ -30,7 +30,9 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 bench: $(STAMP)
-	$(PY) bench/run_all.py --data-dir $(DATA)
+	$(PY) bench/bench_fisher.py
+	$(PY) bench/bench_kfac.py
+	$(PY) bench/bench_fish.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hf_continual tests bench
