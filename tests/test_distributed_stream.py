@@ -1,0 +1,39 @@
+"""Every method on 2 CPU processes (gloo) gives what 1 process gives on the same global batches."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from stream_dist import run  # noqa: E402
+
+
+@pytest.mark.parametrize("method", ["ewc", "kfac", "fish"])
+def test_two_process_stream_matches_one_process(tmp_path, torchrun, method):
+    single = run(method, str(tmp_path / "single"))
+    out = tmp_path / "dist"
+    torchrun("stream_dist.py", method, str(out))
+    r0, r1 = torch.load(f"{out}.rank0"), torch.load(f"{out}.rank1")
+    for n in r0["params"]:  # identical across ranks
+        assert torch.equal(r0["params"][n], r1["params"][n]), n
+    for i, row in enumerate(single["R"]):
+        assert r0["R"][i] == pytest.approx(row, abs=1e-6)
+    for n, p in single["params"].items():
+        torch.testing.assert_close(r0["params"][n], p, rtol=1e-5, atol=1e-6)
+    if "curvature" in single:
+        floats = {k: v for k, v in single["curvature"].items() if v.is_floating_point()}
+        scale = max(float(v.abs().max()) for v in floats.values())  # entries ~0 (e.g. key biases) are noise
+        for k, v in floats.items():
+            torch.testing.assert_close(
+                r0["curvature"][k], v, rtol=1e-5, atol=1e-6 * scale, msg=lambda m, k=k: f"{k}: {m}"
+            )
+            assert torch.equal(r0["curvature"][k], r1["curvature"][k])
+    if "masks" in single:
+        for n, m in single["masks"].items():
+            assert torch.equal(r0["masks"][n], m) and torch.equal(r1["masks"][n], m), n
+    # the main process wrote the stream outputs
+    written = sorted(os.listdir(f"{out}.d"))
+    assert "results.json" in written and "accuracy_matrix.png" in written
