@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_fisher.py
 	$(PY) bench/bench_kfac.py
 	$(PY) bench/bench_fish.py
+	$(PY) bench/untouched_el.py --data-dir $(DATA)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hf_continual tests bench
