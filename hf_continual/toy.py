@@ -95,3 +95,24 @@ def toy_stream(n_train: int = 256, n_eval: int = 128, seq_len: int = 12, seed: i
             Task(name=name, train_dataset=train, evaluate=accuracy_on(held_out), primary_metric="accuracy")
         )
     return tasks
+
+
+def toy_config(output_dir: str, method: str = "none", **overrides):
+    """A ContinualConfig that trains the toy stream in seconds on a CPU (8 epochs, batch 32, lr 2e-3)."""
+    from .config import ContinualConfig
+
+    values = dict(
+        output_dir=output_dir,
+        continual_method=method,
+        use_cpu=True,
+        report_to="none",
+        num_train_epochs=8,
+        per_device_train_batch_size=32,
+        learning_rate=2e-3,
+        seed=0,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return ContinualConfig(**values)

@@ -8,7 +8,7 @@ import torch
 from hf_continual import ContinualConfig, ContinualTrainer
 from hf_continual.masking import apply_task_delta, fish_mask, mask_hash, save_task_delta
 from hf_continual.stream import run_stream
-from hf_continual.toy import tiny_bert, toy_stream
+from hf_continual.toy import tiny_bert, toy_config, toy_stream
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from common import GLOBAL_BATCH, one_step_params  # noqa: E402
@@ -126,22 +126,8 @@ def test_two_processes_build_the_same_mask(tmp_path, torchrun):
 
 def test_fish_forgets_less_than_plain_finetuning(tmp_path):
     def run(method):
-        args = ContinualConfig(
-            output_dir=str(tmp_path / method),
-            continual_method=method,
-            use_cpu=True,
-            report_to="none",
-            num_train_epochs=8,
-            per_device_train_batch_size=32,
-            learning_rate=2e-3,
-            seed=0,
-            save_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-            fish_keep_ratio=0.05,
-            fish_num_samples=256,
-            fish_protect=True,
-            fish_trainable_modules=[],
+        args = toy_config(
+            str(tmp_path / method), method, fish_keep_ratio=0.05, fish_num_samples=256, fish_protect=True
         )
         return run_stream(tiny_bert(0), toy_stream(), args).metrics
 

@@ -3,29 +3,13 @@ import os
 
 import pytest
 
-from hf_continual import ContinualConfig
 from hf_continual.metrics import continual_metrics
 from hf_continual.stream import run_stream, summary_text
-from hf_continual.toy import tiny_bert, toy_stream
+from hf_continual.toy import tiny_bert, toy_config, toy_stream
 
 
 def toy_args(tmp_path, method, **kw):
-    values = dict(
-        output_dir=str(tmp_path / method),
-        continual_method=method,
-        use_cpu=True,
-        report_to="none",
-        num_train_epochs=8,
-        per_device_train_batch_size=32,
-        learning_rate=2e-3,
-        seed=0,
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        replay_per_task=64,
-    )
-    values.update(kw)
-    return ContinualConfig(**values)
+    return toy_config(str(tmp_path / method), method, replay_per_task=64, **kw)
 
 
 @pytest.fixture(scope="module")
