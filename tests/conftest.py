@@ -24,12 +24,7 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 240) ->
         "torch.distributed.run",
         "--nproc_per_node",
         str(nproc),
-        "--master_port",
-        "0",
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "localhost:0",
+        "--standalone",  # a free local port chosen by torchrun itself
         str(DIST / script),
         *args,
     ]
