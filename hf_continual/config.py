@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,29 @@ KFAC_MODES = ("expand", "reduce")
 KFAC_CROSS_TASK = ("merged", "per_task")
 FISH_SCOPES = ("global", "layer")
 FISH_PENALTIES = ("none", "ewc", "kfac")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-4`` / ``5E+3`` as floats (YAML 1.1 needs a dot: ``1.0e-4``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(stream: Any) -> Any:
+    """Parse YAML text or a file object with the project's loader (scientific notation = float)."""
+    return yaml.load(stream, Loader=_YamlLoader)
 
 
 def _plain(value: Any) -> Any:
@@ -188,7 +212,7 @@ class ContinualConfig(TrainingArguments):
     def from_yaml(cls, path: str | os.PathLike) -> ContinualConfig:
         """Load a config written by ``to_yaml`` (or hand-written YAML with the same keys)."""
         with open(path) as fh:
-            values = yaml.safe_load(fh) or {}
+            values = load_yaml(fh) or {}
         if not isinstance(values, dict):
             raise ValueError(
                 f"{path}: expected a YAML mapping of ContinualConfig keys, got {type(values).__name__}"

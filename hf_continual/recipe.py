@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .config import ContinualConfig
+from .config import ContinualConfig, load_yaml
 
 RECIPE_KEYS = {
     "name",
@@ -61,7 +61,7 @@ def resolve_model_name(model: str) -> str:
 
 
 def _coerce(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+    return load_yaml(text) if text != "" else ""
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -140,7 +140,7 @@ def load_recipe(
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(values, dict):

@@ -69,3 +69,16 @@ def test_hf_argument_parser_round_trip(tmp_path):
     (parsed,) = HfArgumentParser(ContinualConfig).parse_args_into_dataclasses(argv)
     assert parsed.continual_dict() == cfg.continual_dict()
     assert parsed.learning_rate == cfg.learning_rate
+
+
+def test_scientific_notation_is_a_float_in_yaml_and_overrides(tmp_path):
+    """YAML 1.1 reads ``1e-4`` as a string; recipes and --set must read it as a number."""
+    from hf_continual.recipe import apply_overrides
+
+    (tmp_path / "c.yaml").write_text(f"output_dir: {tmp_path}\nlearning_rate: 1e-4\ncontinual_lambda: 5E+3\n")
+    cfg = ContinualConfig.from_yaml(tmp_path / "c.yaml")
+    assert cfg.learning_rate == pytest.approx(1e-4) and cfg.continual_lambda == 5000.0
+    values = apply_overrides({}, ["learning_rate=2e-5", "task_options.max_train_mentions=1_000", "seed=abc"])
+    assert values["training"]["learning_rate"] == pytest.approx(2e-5)
+    assert values["task_options"]["max_train_mentions"] == 1000
+    assert values["training"]["seed"] == "abc"
