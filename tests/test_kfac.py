@@ -129,7 +129,9 @@ def test_single_token_single_example_is_exact(mode: str) -> None:
     coll.detach()
     f = coll.finalize(coll.sums(), 1, 1)
     # exact per-example gradient of [W | b]
-    gw, gb = torch.autograd.grad(nn.functional.cross_entropy(lin(x), y, reduction="sum"), [lin.weight, lin.bias])
+    gw, gb = torch.autograd.grad(
+        nn.functional.cross_entropy(lin(x), y, reduction="sum"), [lin.weight, lin.bias]
+    )
     gvec = torch.cat([gw, gb[:, None]], 1).double().T.reshape(-1)
     exact = torch.outer(gvec, gvec)
     assert torch.allclose(kron_block(f, ""), exact, atol=1e-6)
@@ -160,7 +162,9 @@ def test_quadratic_matvec_match_explicit_kron(mode: str, gamma: float) -> None:
         v = vec_bar(layer, delta)
         q += float(v @ k @ v)
         kv = (k @ v).reshape(-1, f.layer(layer.module).terms[0].G.dim).T  # back from column-major
-        assert torch.allclose(mv[layer.weight].double(), kv[:, : shapes[layer.weight][1]], rtol=1e-4, atol=1e-6)
+        assert torch.allclose(
+            mv[layer.weight].double(), kv[:, : shapes[layer.weight][1]], rtol=1e-4, atol=1e-6
+        )
         assert torch.allclose(mv[layer.bias].double(), kv[:, -1], rtol=1e-4, atol=1e-6)
     assert math.isclose(float(f.quadratic(delta)), q, rel_tol=1e-5)
 
@@ -204,7 +208,13 @@ def test_penalty_grad_matches_autograd() -> None:
         t = layer.terms[0]
         sa, sg = damping_shifts(t.A, t.G, f.damping)
         params = dict(model.named_parameters())
-        x = torch.cat([params[layer.weight] - anchors[layer.weight], (params[layer.bias] - anchors[layer.bias])[:, None]], 1)
+        x = torch.cat(
+            [
+                params[layer.weight] - anchors[layer.weight],
+                (params[layer.bias] - anchors[layer.bias])[:, None],
+            ],
+            1,
+        )
         a = t.A.to_dense() + sa * torch.eye(t.A.dim)
         g = t.G.to_dense() + sg * torch.eye(t.G.dim)
         ref = ref + 0.5 * lam * torch.trace(g @ x @ a @ x.T)
@@ -285,7 +295,9 @@ def test_merge_merged_semantics() -> None:
 def _fisher_for_compress() -> tuple[KFACFisher, dict]:
     torch.manual_seed(5)
     model = TokenMLP(d=12, h=10, c=6)
-    batches = [{"x": torch.randn(16, 3, 12) * torch.linspace(0.1, 2, 12), "labels": torch.randint(0, 6, (16,))}]
+    batches = [
+        {"x": torch.randn(16, 3, 12) * torch.linspace(0.1, 2, 12), "labels": torch.randint(0, 6, (16,))}
+    ]
     f = run_collector(model, batches, "expand", diagonal=False)
     return f, {n: p.shape for n, p in model.named_parameters()}
 
@@ -350,7 +362,9 @@ def test_nbytes_counts_factor_storage() -> None:
     expect = sum(t.A.dim**2 * 4 + t.G.dim**2 * 4 for layer in f.layers for t in layer.terms)
     assert f.factor_nbytes == expect
     c = f.compress(rank=2, energy=None, dtype=torch.bfloat16)
-    expect_c = sum((t.A.dim * 2 + t.G.dim * 2) * 2 + (2 + 2) * 4 + 2 * 4 for layer in c.layers for t in layer.terms)
+    expect_c = sum(
+        (t.A.dim * 2 + t.G.dim * 2) * 2 + (2 + 2) * 4 + 2 * 4 for layer in c.layers for t in layer.terms
+    )
     assert c.factor_nbytes == expect_c
 
 
@@ -366,8 +380,11 @@ def test_padding_does_not_change_factors(mode: str) -> None:
     model = tiny_bert()
     short = bert_dataset(pad_to=7)
     long = [
-        {**ex, "input_ids": torch.cat([ex["input_ids"], torch.zeros(5, dtype=torch.long)]),
-         "attention_mask": torch.cat([ex["attention_mask"], torch.zeros(5, dtype=torch.long)])}
+        {
+            **ex,
+            "input_ids": torch.cat([ex["input_ids"], torch.zeros(5, dtype=torch.long)]),
+            "attention_mask": torch.cat([ex["attention_mask"], torch.zeros(5, dtype=torch.long)]),
+        }
         for ex in short
     ]
     kw = dict(kind="kfac", fisher_type="empirical", batch_size=4, show_progress=False, kfac_mode=mode)
@@ -429,7 +446,9 @@ def test_estimate_fisher_kfac_covers_every_parameter(mode: str) -> None:
     from hf_continual.curvature import DiagonalFisher, estimate_fisher
 
     model = tiny_bert()
-    f = estimate_fisher(model, bert_dataset(), kind="kfac", kfac_mode=mode, batch_size=4, show_progress=False, seed=0)
+    f = estimate_fisher(
+        model, bert_dataset(), kind="kfac", kfac_mode=mode, batch_size=4, show_progress=False, seed=0
+    )
     assert isinstance(f, KFACFisher) and f.mode == mode
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert sorted(f.param_names) == sorted(trainable)
@@ -440,7 +459,13 @@ def test_estimate_fisher_kfac_covers_every_parameter(mode: str) -> None:
     assert all(p.grad is None for p in model.parameters())
     # include filter: only attention Linear layers by factors, the rest diagonal
     g = estimate_fisher(
-        model, bert_dataset(), kind="kfac", kfac_mode=mode, include=r"attention", batch_size=4, show_progress=False
+        model,
+        bert_dataset(),
+        kind="kfac",
+        kfac_mode=mode,
+        include=r"attention",
+        batch_size=4,
+        show_progress=False,
     )
     assert all("attention" in layer.module for layer in g.layers)
     assert sorted(g.param_names) == sorted(trainable)
@@ -468,7 +493,9 @@ def test_distributed_two_processes_match_one(tmp_path, torchrun) -> None:
 
     from hf_continual.curvature import estimate_fisher
 
-    spec = importlib.util.spec_from_file_location("kfac_dist", Path(__file__).parent / "dist" / "kfac_dist.py")
+    spec = importlib.util.spec_from_file_location(
+        "kfac_dist", Path(__file__).parent / "dist" / "kfac_dist.py"
+    )
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -476,8 +503,15 @@ def test_distributed_two_processes_match_one(tmp_path, torchrun) -> None:
 
     model = build_model()
     for mode in ("expand", "reduce"):
-        f = estimate_fisher(model, build_dataset(), kind="kfac", kfac_mode=mode, fisher_type="empirical",
-                            batch_size=3, show_progress=False)
+        f = estimate_fisher(
+            model,
+            build_dataset(),
+            kind="kfac",
+            kfac_mode=mode,
+            fisher_type="empirical",
+            batch_size=3,
+            show_progress=False,
+        )
         torch.save({k: v for k, v in f.state_dict().items()}, tmp_path / f"single_{mode}.pt")
     torchrun("kfac_dist.py", str(tmp_path))
     for mode in ("expand", "reduce"):

@@ -67,7 +67,11 @@ class Curvature(ABC):
         kernel. Parameters without an anchor are left alone.
         """
         named = dict(params.named_parameters()) if isinstance(params, torch.nn.Module) else params
-        delta = {n: named[n].detach() - anchors[n].to(named[n].device) for n in self.param_names if n in named and n in anchors}
+        delta = {
+            n: named[n].detach() - anchors[n].to(named[n].device)
+            for n in self.param_names
+            if n in named and n in anchors
+        }
         total = 0.0
         for n, g in self.matvec(delta).items():
             p = named[n]

@@ -268,9 +268,7 @@ def _get_logits(output: Any) -> torch.Tensor:
     return logits
 
 
-def _sample_labels(
-    logits: torch.Tensor, seed: int | None, indices: list[int], draw: int
-) -> torch.Tensor:
+def _sample_labels(logits: torch.Tensor, seed: int | None, indices: list[int], draw: int) -> torch.Tensor:
     """Draw ``y ~ softmax(logits)`` independently at every position (no gradient).
 
     With a ``seed``, the uniforms of example ``i`` (its index in the whole dataset) and draw ``d`` come from a
@@ -284,7 +282,9 @@ def _sample_labels(
     per_example = probs.shape[1:-1].numel() if probs.dim() > 2 else 1
     u = torch.stack(
         [
-            torch.rand(per_example, generator=torch.Generator().manual_seed((seed * 1_000_003 + i) * 131 + draw))
+            torch.rand(
+                per_example, generator=torch.Generator().manual_seed((seed * 1_000_003 + i) * 131 + draw)
+            )
             for i in indices
         ]
     ).to(probs.device)

@@ -605,7 +605,11 @@ def curvature_penalty_grad_(
     named = dict(params.named_parameters()) if isinstance(params, nn.Module) else dict(params)
     with torch.no_grad():
         covered = set(curvature.param_names)
-        delta = {n: named[n].detach() - anchors[n].to(named[n].device) for n in covered if n in named and n in anchors}
+        delta = {
+            n: named[n].detach() - anchors[n].to(named[n].device)
+            for n in covered
+            if n in named and n in anchors
+        }
         fd = curvature.matvec(delta)
         total = torch.zeros((), dtype=torch.float64)
         for n, v in fd.items():
@@ -769,7 +773,9 @@ class KFACCollector:
             self.diag = DiagonalCollector(param_filter=rest, **self.diagonal_kwargs)
             self.diag.attach(model)
 
-    def begin_batch(self, num_examples: int, rows_per_example: int, attention_mask: torch.Tensor | None) -> None:
+    def begin_batch(
+        self, num_examples: int, rows_per_example: int, attention_mask: torch.Tensor | None
+    ) -> None:
         """A new batch of ``num_examples`` examples (``rows_per_example`` contiguous rows each)."""
         assert self.capture is not None, "attach() first"
         self.capture.begin_batch(num_examples, rows_per_example, attention_mask)
@@ -831,7 +837,9 @@ class KFACCollector:
             out.update({f"diag:{k}": v for k, v in self.diag.sums().items()})
         return out
 
-    def finalize(self, sums: Mapping[str, torch.Tensor], num_examples: int, mc_samples: int = 1) -> KFACFisher:
+    def finalize(
+        self, sums: Mapping[str, torch.Tensor], num_examples: int, mc_samples: int = 1
+    ) -> KFACFisher:
         """Build the :class:`KFACFisher` from the (all-reduced) sums."""
         gcount = float(sums["kfac:gcount"]) if "kfac:gcount" in sums else 0.0
         if gcount <= 0:
@@ -843,7 +851,9 @@ class KFACCollector:
             na = float(sums[f"kfac:{name}:nA"])
             a = sums[f"kfac:{name}:A"].float() / max(na, 1.0)
             g = sums[f"kfac:{name}:G"].float() / gcount
-            terms = [KronTerm(DenseFactor(((a + a.T) / 2).contiguous()), DenseFactor(((g + g.T) / 2).contiguous()))]
+            terms = [
+                KronTerm(DenseFactor(((a + a.T) / 2).contiguous()), DenseFactor(((g + g.T) / 2).contiguous()))
+            ]
             layers.append(KFACLayer(layer.module, layer.weight, layer.bias, terms))
         diag = None
         if self.diag is not None:
@@ -855,11 +865,14 @@ class KFACCollector:
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.compute_dtype is None else x.to(self.compute_dtype)
 
-    def _accumulate_a(self, name: str, recs: list[Record], cache: dict[tuple[Any, ...], torch.Tensor]) -> None:
+    def _accumulate_a(
+        self, name: str, recs: list[Record], cache: dict[tuple[Any, ...], torch.Tensor]
+    ) -> None:
         bias = self.layers[name].bias is not None
         # q/k/v of an attention block read the same tensor: form its outer product once
         key = tuple(
-            (r.input.data_ptr(), r.input.shape, r.input.stride(), r.input._version, r.token_mask is None) for r in recs
+            (r.input.data_ptr(), r.input.shape, r.input.stride(), r.input._version, r.token_mask is None)
+            for r in recs
         )
         key = (*key, bias)
         mode = self._mode_of[name]
@@ -897,6 +910,8 @@ class KFACCollector:
         self._sums[f"kfac:{name}:G"] += (g.T @ g).float()
 
 
-def kfac_layers_of(model: nn.Module, include: str | Callable[[str, nn.Module], bool] | None = None) -> list[str]:
+def kfac_layers_of(
+    model: nn.Module, include: str | Callable[[str, nn.Module], bool] | None = None
+) -> list[str]:
     """Names of the Linear modules a :class:`KFACCollector` with this ``include`` covers."""
     return list(KFACCollector(include=include).select(model))
