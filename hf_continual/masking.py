@@ -5,9 +5,9 @@
   With ``protect``, the score is the new-task Fisher relative to the consolidated old-task Fisher, so weights
   that earlier tasks depend on are avoided.
 * :class:`MaskedUpdates` enforces the mask: gradients are multiplied by the mask in parameter hooks (before the
-  all-reduce of DDP and before the optimizer), and after each ``optimizer.step()`` the frozen entries are
-  copied back from their start value, which undoes the decoupled weight decay of AdamW (the only thing that
-  moves an entry with a zero gradient and zero optimizer state).
+  all-reduce of DDP and before the optimizer); AdamW's decoupled weight decay (the only thing that moves an
+  entry with a zero gradient and zero optimizer state) is moved off the frozen entries by regrouping the
+  optimizer, or, for other optimizers, the frozen entries are copied back after each step.
 * :func:`save_task_delta` / :func:`apply_task_delta` store only the changed entries of a task (flat indices and
   values, safetensors) and put them back onto the base model.
 """
@@ -18,6 +18,7 @@ import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -119,7 +120,16 @@ def mask_stats(masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
 
 
 class MaskedUpdates:
-    """Keep every entry outside ``masks`` at its start value while a task trains."""
+    """Keep every entry outside ``masks`` at its start value while a task trains.
+
+    Gradients of frozen entries are zeroed in parameter hooks (:meth:`attach`). With zero gradients and fresh
+    state, Adam/AdamW leave an entry exactly where it is, except for AdamW's decoupled weight decay
+    ``p *= 1 - lr * wd``. :meth:`configure_optimizer` therefore moves the partially masked tensors into
+    ``weight_decay=0`` copies of their parameter groups and :meth:`before_step_` applies the group's decay to
+    their k trainable entries only (the same multiplication AdamW does first, so the result is bit-identical):
+    no per-step pass over whole tensors. For any other optimizer (or one that already has state) the frozen
+    entries are copied back after every step instead (:meth:`after_step_`), which is exact but costs a pass.
+    """
 
     def __init__(self, params: Mapping[str, torch.nn.Parameter], masks: Masks) -> None:
         self.params = dict(params)
@@ -129,6 +139,10 @@ class MaskedUpdates:
         # tensors with every entry trainable need no work; tensors with none get a zero gradient
         self._partial = [n for n, m in masks.items() if n in self.params and not bool(m.all())]
         self._float_masks = {n: masks[n].to(self.params[n].dtype) for n in self._partial}
+        self.restore_each_step = True
+        # (parameter, flat indices of its trainable entries, index of its optimizer group, weight decay)
+        self._decay: list[tuple[torch.nn.Parameter, torch.Tensor, int, float]] = []
+        self._optimizer: torch.optim.Optimizer | None = None
 
     def attach(self) -> None:
         """Mask gradients in parameter hooks: they run before accumulation and before DDP's all-reduce."""
@@ -141,6 +155,58 @@ class MaskedUpdates:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def configure_optimizer(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Make ``optimizer`` (before its first step and before its LR scheduler exists) keep frozen entries
+        still by itself. Returns True when that worked and the per-step restore is off."""
+        by_id = {id(self.params[n]): n for n in self._partial}
+        groups = [g for g in optimizer.param_groups if any(id(p) in by_id for p in g["params"])]
+        adam = isinstance(optimizer, torch.optim.Adam)  # AdamW subclasses Adam in torch >= 2.6
+        for g in groups:
+            decoupled = bool(g.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+            if not adam or (g["weight_decay"] != 0 and not decoupled):
+                return False  # coupled decay / momentum-free guarantees unknown: keep the restore pass
+        if any(optimizer.state.get(self.params[n]) for n in self._partial):
+            return False
+        moved_groups: list[tuple[dict[str, Any], list[torch.nn.Parameter], float]] = []
+        for g in groups:
+            moved = [p for p in g["params"] if id(p) in by_id]
+            wd = float(g["weight_decay"])
+            if wd != 0.0:
+                g["params"] = [p for p in g["params"] if id(p) not in by_id]
+                optimizer.add_param_group(
+                    {**{k: v for k, v in g.items() if k != "params"}, "params": moved, "weight_decay": 0.0}
+                )
+                moved_groups.append((optimizer.param_groups[-1], moved, wd))
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        # groups are found by index: accelerate re-creates the group dicts (optimizer.load_state_dict)
+        self._optimizer, self._decay = optimizer, []
+        for group, moved, wd in moved_groups:
+            index = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
+            for p in moved:
+                idx = self.masks[by_id[id(p)]].reshape(-1).nonzero().reshape(-1).to(p.device)
+                self._decay.append((p, idx, index, wd))
+        self.restore_each_step = False
+        return True
+
+    @torch.no_grad()
+    def before_step_(self) -> None:
+        """AdamW's decoupled weight decay on the trainable entries of the moved tensors (call right before
+        ``optimizer.step()``; a step skipped by a fp16 GradScaler would still see this decay)."""
+        if self._optimizer is None:
+            return
+        groups = self._optimizer.param_groups
+        for p, idx, index, wd in self._decay:
+            lr = groups[index]["lr"]
+            factor = 1 - (float(lr) if torch.is_tensor(lr) else lr) * wd
+            flat = p.data.view(-1)
+            flat.index_copy_(0, idx, flat.index_select(0, idx).mul_(factor))
+
+    @torch.no_grad()
+    def after_step_(self) -> None:
+        """Copy frozen entries back when the optimizer could not be configured to keep them still."""
+        if self.restore_each_step:
+            self.restore_()
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
@@ -156,6 +222,14 @@ class MaskedUpdates:
         for name in self._partial:
             p = self.params[name]
             p.copy_(torch.where(self.masks[name], p, self.start[name]))
+
+    @torch.no_grad()
+    def drifted(self) -> int:
+        """Number of frozen entries that differ from their start value (0 unless something bypassed the
+        optimizer, e.g. a user callback writing to the weights)."""
+        return int(
+            sum(int(((self.params[n] != self.start[n]) & ~self.masks[n]).sum()) for n in self._partial)
+        )
 
 
 def save_task_delta(

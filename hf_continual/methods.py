@@ -1,13 +1,15 @@
 """Continual methods and their registry (method name -> implementation, PEFT-style).
 
-A method plugs into :class:`~hf_continual.trainer.ContinualTrainer` at five points:
+A method plugs into :class:`~hf_continual.trainer.ContinualTrainer` at six points:
 
 * ``prepare_train_dataset`` - what the Trainer trains on for the new task (replay / joint mix in old data);
 * ``on_task_begin``         - before the first step of a task (e.g. FISH builds its mask);
+* ``configure_optimizer``   - the task's fresh optimizer, before its LR schedule exists (FISH regroups it);
 * ``apply_gradients``       - once per optimizer step, after gradient accumulation and all-reduce and before
   clipping and ``optimizer.step()``: adds the penalty gradient ``lambda * F delta`` in closed form and returns
   the penalty value for logging;
-* ``after_optimizer_step``  - right after ``optimizer.step()`` (e.g. FISH restores frozen entries);
+* ``after_optimizer_step``  - right after ``optimizer.step()`` (e.g. FISH restores frozen entries when the
+  optimizer could not be regrouped);
 * ``end_task``              - task boundary: consolidate (Fisher, factors, anchors, replay buffer).
 
 ``state_dict`` / ``load_state_dict`` make everything a method needs to protect old tasks travel with the model.
@@ -15,6 +17,7 @@ A method plugs into :class:`~hf_continual.trainer.ContinualTrainer` at five poin
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +28,8 @@ from .curvature.base import Curvature
 if TYPE_CHECKING:
     from .config import ContinualConfig
     from .trainer import ContinualTrainer
+
+logger = logging.getLogger(__name__)
 
 METHOD_REGISTRY: dict[str, type[ContinualMethod]] = {}
 
@@ -97,6 +102,9 @@ class ContinualMethod:
 
     def apply_gradients(self, model: torch.nn.Module) -> float | None:
         return None
+
+    def configure_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Adjust a freshly created optimizer (before its LR scheduler exists); once per task."""
 
     def after_optimizer_step(self, model: torch.nn.Module) -> None:
         return None
@@ -381,23 +389,36 @@ class Fish(ContinualMethod):
             self.updates.start = {n: start[n].to(params[n].device) for n in self.updates.start}
         self.updates.attach()
 
-    def apply_gradients(self, model: torch.nn.Module) -> float | None:
-        if self.penalty is None:
-            return None
-        value = self.penalty.apply_gradients(model)
+    def configure_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         if self.updates is not None:
-            self.updates.mask_grads_()
+            self.updates.configure_optimizer(optimizer)
+
+    def apply_gradients(self, model: torch.nn.Module) -> float | None:
+        value = None
+        if self.penalty is not None:
+            value = self.penalty.apply_gradients(model)
+            if self.updates is not None:
+                self.updates.mask_grads_()
+        if self.updates is not None:
+            self.updates.before_step_()
         return value
 
     def after_optimizer_step(self, model: torch.nn.Module) -> None:
         if self.updates is not None:
-            self.updates.restore_()
+            self.updates.after_step_()
 
     def end_task(self, trainer: ContinualTrainer, train_dataset: Any, task_name: str) -> None:
         from .masking import mask_stats
 
         super().end_task(trainer, train_dataset, task_name)
         if self.updates is not None:
+            drifted = self.updates.drifted()
+            if drifted:
+                logger.warning(
+                    f"FISH: {drifted} frozen entries moved during task {task_name!r} (something wrote to the "
+                    "weights outside the optimizer); they were put back to their start values"
+                )
+                self.updates.restore_()
             self.updates.detach()
             self.updates = None
         self.mask_history.append({"task": task_name, **mask_stats(self.masks)})

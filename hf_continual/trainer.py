@@ -106,6 +106,14 @@ class ContinualTrainer(Trainer):
         self.model.eval()
         self.method.end_task(self, dataset, name)
 
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        """The Trainer's optimizer, then the method's adjustment (before the LR scheduler is built)."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if fresh and not self._user_optimizers:
+            self.method.configure_optimizer(self.optimizer)
+        return optimizer
+
     # ---- one place per optimizer step where the penalty gradient is added ----------------------------------
     def _apply_continual_gradients(self) -> None:
         if self._penalty_step == self.state.global_step:

@@ -48,8 +48,7 @@ def _fish_trainer(tmp_path, **kw):
         continual_method="fish",
         use_cpu=True,
         report_to="none",
-        optim="adamw_torch",
-        weight_decay=0.01,
+        **{"optim": "adamw_torch", "weight_decay": 0.01, **kw},
         warmup_steps=3,
         num_train_epochs=4,
         per_device_train_batch_size=16,
@@ -59,7 +58,6 @@ def _fish_trainer(tmp_path, **kw):
         fish_keep_ratio=0.01,
         fish_num_samples=64,
         seed=0,
-        **kw,
     )
     model = tiny_bert(0)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -80,6 +78,34 @@ def test_only_masked_entries_change_under_adamw(tmp_path):
     total = sum(m.numel() for m in masks.values())
     assert k == round(0.01 * total)
     assert changed == k  # every masked entry moved (AdamW steps are never exactly zero here)
+
+
+def test_regrouped_optimizer_equals_restoring_after_each_step(tmp_path, monkeypatch):
+    """The cheap path (frozen entries moved to a weight_decay=0 group, decay on the k entries by hand) gives
+    bit-identical weights to the exact reference (plain AdamW, frozen entries copied back after every step)."""
+    from hf_continual.masking import MaskedUpdates
+
+    trainer, _, _ = _fish_trainer(tmp_path / "fast")
+    trainer.train()
+    assert trainer.method.updates.restore_each_step is False and trainer.method.updates._decay
+    assert any(g["weight_decay"] == 0.0 and len(g["params"]) > 0 for g in trainer.optimizer.param_groups)
+    fast = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    monkeypatch.setattr(MaskedUpdates, "configure_optimizer", lambda self, optimizer: False)
+    ref, _, _ = _fish_trainer(tmp_path / "ref")
+    ref.train()
+    assert ref.method.updates.restore_each_step is True
+    for n, p in ref.model.named_parameters():
+        assert torch.equal(p.detach(), fast[n]), n
+
+
+def test_other_optimizers_fall_back_to_restoring(tmp_path):
+    # SGD's decay is coupled (added to the gradient): frozen entries move, the restore pass must undo it
+    trainer, start, _ = _fish_trainer(tmp_path, optim="sgd", weight_decay=0.1)
+    trainer.train()
+    assert trainer.method.updates.restore_each_step is True
+    for n, p in trainer.model.named_parameters():
+        assert not bool((p.detach() != start[n])[~trainer.method.masks[n]].any()), n
 
 
 def test_always_trainable_modules(tmp_path):
