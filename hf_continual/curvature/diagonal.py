@@ -186,7 +186,6 @@ class DiagonalCollector:
         param_filter: restrict to these parameter names (a collection, or a predicate on the name); None = all
             trainable parameters. K-FAC uses this to get the diagonal of the non-Linear parameters in its pass.
         param_names: alias of ``param_filter`` given as a collection of names (give one or the other).
-        max_chunk_bytes: bound on the ``[chunk, out, in]`` per-example weight-gradient buffer of a Linear.
     """
 
     kind = "diagonal"
@@ -196,12 +195,10 @@ class DiagonalCollector:
         param_filter: ParamFilter = None,
         *,
         param_names: Collection[str] | None = None,
-        max_chunk_bytes: int = 64 << 20,
     ) -> None:
         if param_filter is not None and param_names is not None:
             raise TypeError("give param_filter or param_names, not both")
         self.param_filter = _make_filter(param_filter if param_names is None else param_names)
-        self.max_chunk_bytes = max_chunk_bytes
         self.capture: LayerCapture | None = None
         self._acc: dict[str, torch.Tensor] = {}
         self._rules: dict[str, tuple[str, nn.Module, str | None, str | None]] = {}
@@ -318,14 +315,14 @@ class DiagonalCollector:
             g, a = gs[0][:, 0], acts[0][:, 0]
             acc.addmm_(g.square().t(), a.square())
             return
-        out_f, in_f = acc.shape
-        chunk = max(1, self.max_chunk_bytes // (4 * out_f * in_f))
-        for s in range(0, b, chunk):
-            e = min(b, s + chunk)
-            per_ex = torch.bmm(gs[0][s:e].transpose(1, 2), acts[0][s:e])
+        # one [out, in] gradient per example, squared into the sum while it is still in cache: a batched
+        # [B, out, in] buffer (bmm, then square and sum) is memory-bound and measured 3x slower on MiniLM
+        buf = torch.empty_like(acc)
+        for i in range(b):
+            torch.mm(gs[0][i].t(), acts[0][i], out=buf)
             for g, a in zip(gs[1:], acts[1:]):
-                per_ex.baddbmm_(g[s:e].transpose(1, 2), a[s:e])
-            acc += per_ex.square_().sum(0)
+                buf.addmm_(g[i].t(), a[i])
+            acc.addcmul_(buf, buf)
 
     def _embedding(self, module: nn.Embedding, recs: list[Record], wname: str | None) -> None:
         if wname is None:
