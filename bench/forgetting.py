@@ -37,8 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SEARCH: dict[str, tuple[str, list[float]]] = {
-    "ewc": ("continual_lambda", [1e2, 1e3, 1e4]),
-    "kfac": ("continual_lambda", [1e2, 1e3, 1e4]),
+    "ewc": ("continual_lambda", [1e3, 1e4, 1e5]),
+    "kfac": ("continual_lambda", [1e3, 1e4, 1e5]),
     "fish": ("fish_keep_ratio", [0.005, 0.05]),
 }
 SEEDED = ["none", "ewc", "kfac", "fish"]

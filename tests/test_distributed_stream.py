@@ -34,6 +34,12 @@ def test_two_process_stream_matches_one_process(tmp_path, torchrun, method):
     if "masks" in single:
         for n, m in single["masks"].items():
             assert torch.equal(r0["masks"][n], m) and torch.equal(r1["masks"][n], m), n
-    # the main process wrote the stream outputs
+    # the main process wrote every output file (results, heatmap, progress, final model + continual state);
+    # the other rank wrote none
     written = sorted(os.listdir(f"{out}.d"))
     assert "results.json" in written and "accuracy_matrix.png" in written
+    assert r1["writes"] == [], r1["writes"]
+    rank0 = {os.path.basename(w) for w in r0["writes"]}
+    assert {"results.json", "progress.json", "continual_state.json"} <= rank0, sorted(rank0)
+    final = sorted(os.listdir(f"{out}.d/final"))
+    assert "continual_state.safetensors" in final and "model.safetensors" in final, final

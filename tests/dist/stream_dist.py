@@ -1,5 +1,6 @@
 """torchrun --nproc_per_node 2 stream_dist.py METHOD OUT: a 2-task toy stream on 2 CPU ranks (same global batches
-as one process with batch 16); each rank saves R, the consolidated curvature or mask, and its parameters."""
+as one process with batch 16); each rank saves R, the consolidated curvature or mask, its parameters and the
+files it wrote under the output directory (recorded by an audit hook: opens for writing and renames)."""
 
 import os
 import sys
@@ -13,7 +14,30 @@ from hf_continual.toy import tiny_bert, toy_stream
 GLOBAL_BATCH = 16
 
 
-def run(method: str, out_dir: str) -> dict:
+def record_writes(root: str) -> list[str]:
+    """Paths under ``root`` this process opens for writing or renames to, from now on (``sys.addaudithook``)."""
+    root = os.path.abspath(root)
+    writes: list[str] = []
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            mode, flags = args[1], args[2]
+            writing = (mode is not None and any(c in mode for c in "wax+")) or (
+                mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            )
+            path = os.path.abspath(os.fsdecode(args[0]))
+        elif event == "os.rename":
+            writing, path = True, os.path.abspath(os.fsdecode(args[1]))
+        else:
+            return
+        if writing and path.startswith(root):
+            writes.append(os.path.relpath(path, root))
+
+    sys.addaudithook(hook)
+    return writes
+
+
+def run(method: str, out_dir: str, writes: list[str] | None = None) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = ContinualConfig(
         output_dir=out_dir,
@@ -37,11 +61,12 @@ def run(method: str, out_dir: str) -> dict:
         fish_keep_ratio=0.05,
     )
     model = tiny_bert(0)
-    result = run_stream(model, toy_stream(n_train=32, n_eval=16)[:2], args)
+    result = run_stream(model, toy_stream(n_train=32, n_eval=16)[:2], args, save_final_model=True)
     method_state = result.trainer.method
     record = {
         "R": result.accuracy_matrix,
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "writes": list(writes or []),
     }
     if hasattr(method_state, "terms"):
         record["curvature"] = method_state.terms[0][1].state_dict()
@@ -53,5 +78,6 @@ def run(method: str, out_dir: str) -> dict:
 if __name__ == "__main__":
     method, out = sys.argv[1], sys.argv[2]
     rank = int(os.environ.get("RANK", "0"))
-    record = run(method, out + ".d")
+    writes = record_writes(out + ".d")
+    record = run(method, out + ".d", writes)
     torch.save(record, f"{out}.rank{rank}")
