@@ -627,11 +627,30 @@ def curvature_penalty_grad_(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _with_ones(x: torch.Tensor, bias: bool) -> torch.Tensor:
+    """``x_bar = [x, 1]`` when ``bias`` (the bias folded into A), else ``x``."""
+    return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if bias else x
+
+
 def _outer_sum(x: torch.Tensor, bias: bool) -> torch.Tensor:
     """``x_bar^T x_bar`` for rows ``x`` of shape ``[n, d]`` (``x_bar = [x, 1]`` when ``bias``)."""
-    if bias:
-        x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+    x = _with_ones(x, bias)
     return x.T @ x
+
+
+def _add_outer_(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc += x^T x`` in place (no [d, d] temporary when the dtypes agree: a fresh 9 MB product per layer and
+    batch, then a separate add, measured several times the cost of the product itself on CPU)."""
+    if x.dtype == acc.dtype:
+        acc.addmm_(x.T, x)
+    else:
+        acc += (x.T @ x).to(acc.dtype)
+
+
+def _symmetric_mean(total: torch.Tensor, count: float) -> torch.Tensor:
+    """``(S + S^T) / (2 count)`` in fp32 with one temporary."""
+    out = total.float() * (0.5 / count)
+    return out + out.T
 
 
 def _grouped_calls(recs: list[Record], attr: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -803,8 +822,9 @@ class KFACCollector:
             by_name[rec.name].append(rec)
         if self._backwards == 0:
             cache: dict[tuple[Any, ...], torch.Tensor] = {}
+            shared = Counter(self._a_key(name, recs) for name, recs in by_name.items())
             for name, recs in by_name.items():
-                self._accumulate_a(name, recs, cache)
+                self._accumulate_a(name, recs, cache, shared)
         for name, recs in by_name.items():
             recs = [r for r in recs if r.grad is not None]
             if recs:
@@ -849,11 +869,9 @@ class KFACCollector:
         layers = []
         for name, layer in self.layers.items():
             na = float(sums[f"kfac:{name}:nA"])
-            a = sums[f"kfac:{name}:A"].float() / max(na, 1.0)
-            g = sums[f"kfac:{name}:G"].float() / gcount
-            terms = [
-                KronTerm(DenseFactor(((a + a.T) / 2).contiguous()), DenseFactor(((g + g.T) / 2).contiguous()))
-            ]
+            a = _symmetric_mean(sums[f"kfac:{name}:A"], max(na, 1.0))
+            g = _symmetric_mean(sums[f"kfac:{name}:G"], gcount)
+            terms = [KronTerm(DenseFactor(a), DenseFactor(g))]
             layers.append(KFACLayer(layer.module, layer.weight, layer.bias, terms))
         diag = None
         if self.diag is not None:
@@ -865,37 +883,47 @@ class KFACCollector:
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.compute_dtype is None else x.to(self.compute_dtype)
 
-    def _accumulate_a(
-        self, name: str, recs: list[Record], cache: dict[tuple[Any, ...], torch.Tensor]
-    ) -> None:
-        bias = self.layers[name].bias is not None
-        # q/k/v of an attention block read the same tensor: form its outer product once
-        key = tuple(
+    def _a_key(self, name: str, recs: list[Record]) -> tuple[Any, ...]:
+        """Identity of a layer's A contribution this batch: same inputs, bias and mode = same product."""
+        inputs = tuple(
             (r.input.data_ptr(), r.input.shape, r.input.stride(), r.input._version, r.token_mask is None)
             for r in recs
         )
-        key = (*key, bias)
+        return (*inputs, self.layers[name].bias is not None, self._mode_of[name])
+
+    def _accumulate_a(
+        self,
+        name: str,
+        recs: list[Record],
+        cache: dict[tuple[Any, ...], torch.Tensor],
+        shared: Mapping[tuple[Any, ...], int],
+    ) -> None:
+        bias = self.layers[name].bias is not None
+        key = self._a_key(name, recs)
         mode = self._mode_of[name]
-        key = (*key, mode)
         x, mask = _grouped_calls(recs, "input")
         b = x.shape[0]
         if mode == "reduce":
             count = float(b)
         else:
             count = float(mask.sum()) if mask is not None else float(x.shape[0] * x.shape[1])
-        if key not in cache:
-            if mode == "reduce":
-                if mask is None:
-                    a = x.mean(dim=1)
-                else:
-                    w = mask / mask.sum(1, keepdim=True).clamp_min(1.0)
-                    a = torch.bmm(w[:, None, :], x)[:, 0]
+        if mode == "reduce":
+            if mask is None:
+                a = x.mean(dim=1)
             else:
-                a = x.reshape(-1, x.shape[-1])
-                if mask is not None:
-                    a = a[mask.reshape(-1) != 0]
-            cache[key] = _outer_sum(self._cast(a), bias).float()
-        self._sums[f"kfac:{name}:A"] += cache[key]
+                w = mask / mask.sum(1, keepdim=True).clamp_min(1.0)
+                a = torch.bmm(w[:, None, :], x)[:, 0]
+        else:
+            a = x.reshape(-1, x.shape[-1])
+            if mask is not None:
+                a = a[mask.reshape(-1) != 0]
+        acc = self._sums[f"kfac:{name}:A"]
+        if shared.get(key, 1) > 1:  # q/k/v of an attention block read the same tensor: one product for all
+            if key not in cache:
+                cache[key] = _outer_sum(self._cast(a), bias).float()
+            acc += cache[key]
+        else:
+            _add_outer_(acc, _with_ones(self._cast(a), bias))
         self._sums[f"kfac:{name}:nA"] += count
 
     def _accumulate_g(self, name: str, recs: list[Record]) -> None:
@@ -906,8 +934,7 @@ class KFACCollector:
             g = g.reshape(-1, g.shape[-1])
             if mask is not None:
                 g = g[mask.reshape(-1) != 0]
-        g = self._cast(g)
-        self._sums[f"kfac:{name}:G"] += (g.T @ g).float()
+        _add_outer_(self._sums[f"kfac:{name}:G"], self._cast(g))
 
 
 def kfac_layers_of(
