@@ -18,6 +18,7 @@ FISHER_TYPES = ("true", "empirical")
 EWC_MODES = ("consolidated", "per_task")
 KFAC_MODES = ("expand", "reduce")
 KFAC_CROSS_TASK = ("merged", "per_task")
+KFAC_COMPUTE_DTYPES = ("float32", "bfloat16")
 FISH_SCOPES = ("global", "layer")
 FISH_PENALTIES = ("none", "ewc", "kfac")
 
@@ -103,6 +104,13 @@ class ContinualConfig(TrainingArguments):
         default="merged",
         metadata={"help": "'merged': A,G summed with decay; 'per_task': factors kept per task."},
     )
+    kfac_compute_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "K-FAC: dtype of the per-batch outer products, 'float32' or 'bfloat16' (faster on bf16 "
+            "matmul units such as AMX / tensor cores; sums stay fp32)."
+        },
+    )
     kfac_rank: int | None = field(
         default=None,
         metadata={"help": "Keep this many eigenpairs per K-FAC factor (compact state); None: full."},
@@ -161,6 +169,10 @@ class ContinualConfig(TrainingArguments):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kfac_damping < 0:
             raise ValueError(f"kfac_damping must be >= 0, got {self.kfac_damping}")
+        if self.kfac_compute_dtype not in KFAC_COMPUTE_DTYPES:
+            raise ValueError(
+                f"kfac_compute_dtype must be one of {KFAC_COMPUTE_DTYPES}, got {self.kfac_compute_dtype!r}"
+            )
         if self.kfac_rank is not None and self.kfac_rank < 1:
             raise ValueError(f"kfac_rank must be >= 1 or None, got {self.kfac_rank}")
 

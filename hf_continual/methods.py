@@ -306,8 +306,9 @@ class KFACEWC(PenaltyMethod):
     """EWC with a Kronecker-factored Fisher for every ``nn.Linear`` (diagonal for the other parameters).
 
     The penalty gradient ``lambda * G dW A`` is two matmuls per layer. Across tasks the factors are merged
-    (``kfac_cross_task="merged"``: A <- A + A_t, G <- G + G_t) or kept per task (exact sum of Kronecker
-    products); ``kfac_rank`` stores each factor as its top eigenpairs (compact state, cheaper penalty).
+    (``kfac_cross_task="merged"``: G summed with decay, A a decayed mean; fixed memory) or kept per task (exact
+    sum of Kronecker products); ``kfac_rank`` stores each factor as its top eigenpairs (compact state, cheaper
+    penalty); ``kfac_compute_dtype="bfloat16"`` forms the per-batch products on bf16 matmul units.
     """
 
     def estimate(self, trainer: ContinualTrainer, train_dataset: Any) -> Curvature:
@@ -319,6 +320,7 @@ class KFACEWC(PenaltyMethod):
             kfac_mode=cfg.kfac_mode,
             damping=cfg.kfac_damping,
             cross_task=cfg.kfac_cross_task,
+            compute_dtype=getattr(torch, cfg.kfac_compute_dtype),
         )
         return fisher
 

@@ -20,6 +20,7 @@ def _cfg(tmp_path, **kw):
         ({"fisher_num_samples": 0}, "fisher_num_samples"),
         ({"kfac_mode": "both"}, "kfac_mode"),
         ({"replay_per_task": 0}, "replay_per_task"),
+        ({"kfac_compute_dtype": "float16"}, "kfac_compute_dtype"),
     ],
 )
 def test_validation_errors_name_the_argument(tmp_path, kwargs, match):

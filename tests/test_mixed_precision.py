@@ -73,3 +73,14 @@ def test_trainer_with_bf16_consolidates_in_fp32(tmp_path):
     curvature = trainer.method.terms[0][1]
     assert all(t.dtype == torch.float32 for t in curvature.diagonal().values())
     assert all(t.dtype == torch.float32 for t in trainer.method.terms[0][0].values())  # anchors
+
+
+def test_kfac_bf16_outer_products_keep_fp32_factors_close_to_fp32():
+    model = tiny_bert(0)
+    kw = {"kind": "kfac", "fisher_type": "empirical", "batch_size": 8, "show_progress": False}
+    ref = estimate_fisher(model, _examples(), **kw)
+    low = estimate_fisher(model, _examples(), compute_dtype=torch.bfloat16, **kw)
+    a = {k: v for k, v in low.state_dict().items() if v.is_floating_point()}
+    b = {k: v for k, v in ref.state_dict().items() if v.is_floating_point()}
+    assert all(v.dtype == torch.float32 for v in a.values())
+    assert _cosine(a, b) > 0.999
