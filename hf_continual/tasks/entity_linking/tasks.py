@@ -168,6 +168,7 @@ def build_entity_linking_task(
     eval_batch_size: int = 128,
     show_progress: bool = True,
     candidate_gold: Literal["all_splits", "evaluated"] = "all_splits",
+    augment_dictionary: bool = False,
 ) -> EntityLinkingTask:
     """Build the task ``name`` (a :data:`TASK_REGISTRY` key) from the files under ``data_dir``.
 
@@ -177,7 +178,9 @@ def build_entity_linking_task(
     ``candidate_gold="evaluated"`` builds the default candidate set from the gold ids of the evaluated mentions
     only (instead of every split's): fewer names to encode, for quick runs such as ``make demo``.
     With ``expand_abbreviations`` a mention that is a short form defined in its document is replaced by
-    the long form, for training and evaluation alike.
+    the long form, for training and evaluation alike. With ``augment_dictionary`` the searched candidate set
+    also holds the texts of the training mentions (the sampled ones this task trains on; never dev or test
+    mentions) as names of their gold ids; the hard negatives are still mined from the dictionary alone.
     """
     if name not in TASK_REGISTRY:
         raise KeyError(f"unknown entity-linking task {name!r}; known: {sorted(TASK_REGISTRY)}")
@@ -239,8 +242,19 @@ def build_entity_linking_task(
             f"default: all names of the {sum(g in dictionary for g in gold)} gold ids of {where} "
             f"+ {num_other_candidates} other names sampled with seed {seed} ({len(candidates)} names)"
         )
+    if augment_dictionary:
+        train = splits["train"]
+        candidates, counts = candidates.augmented(
+            zip(train["query"], train["ids"]), source=f"{candidates.source} + training mention names"
+        )
+        stats["dictionary_augmentation"] = counts
+        description += (
+            f"; augmented with {counts['added']} training mention names ({counts['new_names']} new names, "
+            f"{len(candidates)} names in all)"
+        )
     stats["candidate_set"] = description
     stats["expand_abbreviations"] = expand_abbreviations
+    stats["augment_dictionary"] = augment_dictionary
     eval_mentions = splits[split]
     evaluator = RetrievalEvaluator(
         eval_mentions["query"],
