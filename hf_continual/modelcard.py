@@ -38,6 +38,32 @@ def _hyper_parameters(results: dict[str, Any]) -> dict[str, Any]:
     return {k: cfg[k] for k in keys if k in cfg}
 
 
+def _evaluation_data(results: dict[str, Any]) -> str:
+    """One line per task: corpus, training examples, evaluated split and candidate set (from ``tasks_info``)."""
+    info = (results.get("extra") or {}).get("tasks_info") or {}
+    lines = []
+    for task in results["tasks"]:
+        t = info.get(task) or {}
+        if not t:
+            lines.append(f"- {task}")
+            continue
+        split = t.get("evaluated_split")
+        parts = [t.get("description", task)]
+        training = t.get("training") or {}
+        if "examples" in training:
+            parts.append(
+                f"{training['examples']} training examples from {training.get('train_mentions')} mentions"
+            )
+        if isinstance(t.get(split), dict) and "mentions" in t[split]:
+            parts.append(f"evaluated on {t[split]['mentions']} {split} mentions")
+        if t.get("candidate_set"):
+            parts.append(f"candidate set: {t['candidate_set']}")
+        if "expand_abbreviations" in t:
+            parts.append(f"abbreviations expanded: {'yes' if t['expand_abbreviations'] else 'no'}")
+        lines.append(f"- **{task}**: " + "; ".join(parts))
+    return "\n".join(lines) if lines else "(not recorded)"
+
+
 def build_model_card(
     results: dict[str, Any],
     model_name: str,
@@ -91,6 +117,7 @@ def build_model_card(
         tags=["continual-learning", method, "hf_continual"],
         eval_results=eval_results,
     )
+    data_lines = _evaluation_data(results)
     hp = _hyper_parameters(results)
     hp_lines = "\n".join(f"- `{k}`: {v}" for k, v in hp.items())
     image = f"\n![accuracy matrix]({heatmap})\n" if heatmap else ""
@@ -107,6 +134,10 @@ continual method **{method}**{f", starting from `{base_model}`" if base_model el
 ## Method and hyper-parameters
 
 {hp_lines}
+
+## Training and evaluation data
+
+{data_lines}
 
 ## Accuracy matrix ({metric}, x100)
 

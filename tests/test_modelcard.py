@@ -25,6 +25,19 @@ def results_dir(tmp_path):
             "kfac_mode": "reduce",
             "learning_rate": 2e-5,
         },
+        extra={
+            "tasks_info": {
+                "ncbi-disease": {
+                    "description": "NCBI-disease linked to MEDIC 2012",
+                    "training": {"train_mentions": 500, "examples": 298},
+                    "test": {"mentions": 400},
+                    "dev": {"mentions": 787},
+                    "evaluated_split": "test",
+                    "candidate_set": "default: all names of the 93 gold ids + 1000 other names (2539 names)",
+                    "expand_abbreviations": True,
+                }
+            }
+        },
     )
     write_stream_outputs(result, tmp_path)
     return tmp_path, result
@@ -50,3 +63,11 @@ def test_card_parses_and_metrics_equal_results(results_dir):
     text = card.text
     assert "| ncbi-disease | 80.0 | 30.0 | 10.0 |" in text
     assert "accuracy_matrix.png" in text and "continual_lambda" in text and "load_continual_state" in text
+
+    # what the numbers were measured on
+    assert (
+        "- **ncbi-disease**: NCBI-disease linked to MEDIC 2012; 298 training examples from 500 mentions; "
+        "evaluated on 400 test mentions; candidate set: default: all names of the 93 gold ids + 1000 other "
+        "names (2539 names); abbreviations expanded: yes" in text
+    )
+    assert "- bc5cdr-disease" in text  # no info recorded: listed by name only

@@ -255,6 +255,7 @@ def build_entity_linking_task(
     stats["candidate_set"] = description
     stats["expand_abbreviations"] = expand_abbreviations
     stats["augment_dictionary"] = augment_dictionary
+    stats["evaluated_split"] = split
     eval_mentions = splits[split]
     evaluator = RetrievalEvaluator(
         eval_mentions["query"],
