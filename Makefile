@@ -34,6 +34,8 @@ bench: $(STAMP)
 	$(PY) bench/bench_kfac.py
 	$(PY) bench/bench_fish.py
 	$(PY) bench/untouched_el.py --data-dir $(DATA)
+	$(PY) bench/forgetting.py --data-dir $(DATA)
+	$(PY) bench/tables.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hf_continual tests bench

@@ -15,8 +15,9 @@ tasks (dictionaries, TF-IDF negatives) are built once per split and the untouche
 Every run writes ``OUT/runs/<split>/<method>/seed<k>/results.json`` (+ heatmap and table); a run whose
 results.json exists is not repeated, and an interrupted run resumes from its last finished task. At the end
 ``OUT/summary.json`` and ``OUT/summary.md`` hold the search table and the forgetting table (mean and sample
-standard deviation over seeds), ``OUT/heatmap_<method>.png`` the seed-mean accuracy matrices, and
-``bench/results/tables.md`` the cost table of the other benches next to it (see ``bench/tables.py``).
+standard deviation over seeds) and ``OUT/heatmap_<method>.png`` the seed-mean accuracy matrices;
+``bench/tables.py`` (run by ``make bench`` after every bench) puts this table beside the cost table of the
+other benches in ``bench/results/tables.md``.
 
 Usage: ``HF_HUB_OFFLINE=1 python bench/forgetting.py [--data-dir ../shared/data] [--out bench/results/forgetting]``
 """
