@@ -437,3 +437,30 @@ def test_distributed_two_ranks_equal_single_process(tmp_path):
         "true"
     ]:  # the true Fisher draws differ per rank, but every rank ends with the same result
         assert torch.equal(ranks[0]["true"][n], ranks[1]["true"][n])
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "kfac"])
+def test_estimation_keeps_no_batch_alive(monkeypatch, kind):
+    """Every captured layer output (and with it the batch's autograd graph) is freed once the estimate returns:
+    a hook holding its record strongly made a C++ reference cycle that leaked ~70 MB per dual-encoder example."""
+    import gc
+    import weakref
+
+    from hf_continual.curvature import _hooks
+    from hf_continual.toy import tiny_bert, toy_stream
+
+    outputs: list[weakref.ref] = []
+    make_record = _hooks.Record
+
+    def tracked_record(*args, **kwargs):
+        rec = make_record(*args, **kwargs)
+        outputs.append(weakref.ref(rec.output))
+        return rec
+
+    monkeypatch.setattr(_hooks, "Record", tracked_record)
+    from hf_continual.curvature import estimate_fisher
+
+    data = toy_stream(n_train=16, n_eval=4)[0].train_dataset
+    estimate_fisher(tiny_bert(0), data, kind=kind, batch_size=4, show_progress=False)
+    gc.collect()
+    assert outputs and all(ref() is None for ref in outputs), sum(ref() is not None for ref in outputs)

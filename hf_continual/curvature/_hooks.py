@@ -21,6 +21,7 @@ or token-type embeddings in BERT), else ``num_examples * rows_per_example`` of t
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -183,8 +184,14 @@ class LayerCapture:
             if output.requires_grad:
                 rec.token_mask = self._row_mask(inp, output.shape[0])
 
-                def grad_hook(g: torch.Tensor, rec: Record = rec) -> None:
-                    rec.grad = g
+                # a weak reference: a strong one would close the cycle output -> hook -> record -> output
+                # through C++ (invisible to Python's GC) and keep every batch's autograd graph alive
+                ref = weakref.ref(rec)
+
+                def grad_hook(g: torch.Tensor, ref: weakref.ref[Record] = ref) -> None:
+                    target = ref()
+                    if target is not None:
+                        target.grad = g
 
                 output.register_hook(grad_hook)
             self.records.append(rec)
