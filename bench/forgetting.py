@@ -25,7 +25,6 @@ Usage: ``HF_HUB_OFFLINE=1 python bench/forgetting.py [--data-dir ../shared/data]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -164,6 +163,8 @@ def fmt(stat: dict[str, Any] | None, scale: float = 100.0) -> str:
 
 
 def write_markdown(summary: dict[str, Any], path: Path) -> None:
+    from hf_continual.state import atomic_write_text
+
     lines = [f"Budget: {summary['budget']}", "", "Search (dev splits, seed 0; criterion: dev ACC):", ""]
     lines += ["| method | value | dev ACC | dev BWT | dev forgetting | kept |", "|---|---|---|---|---|---|"]
     for row in summary["search"]:
@@ -201,9 +202,7 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
     note = summary.get("reduction_note")
     if note:
         lines += ["", note]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -226,6 +225,7 @@ def main() -> None:
     from hf_continual.metrics import forgetting_reduction
     from hf_continual.recipe import load_recipe
     from hf_continual.report import plot_heatmap
+    from hf_continual.state import atomic_write_json
 
     overrides = list(args.set) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
     recipe = load_recipe(args.recipe, overrides=overrides)
@@ -336,9 +336,7 @@ def main() -> None:
         "published_anchor": "on BERT, K-FAC cut forgetting by 51% and diagonal EWC by 27%",
         "wall_s_this_invocation": time.perf_counter() - t_start,
     }
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+    atomic_write_json(out / "summary.json", summary)
     write_markdown(summary, out / "summary.md")
     print((out / "summary.md").read_text())
     print(f"wrote {out / 'summary.json'} and {out / 'summary.md'}")

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from hf_continual.state import atomic_write_text
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -142,9 +143,7 @@ def main() -> None:
     results = Path(args.results)
     text = render(results)
     out = results / "tables.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    atomic_write_text(out, text)
     print(text)
     print(f"wrote {out}")
 
