@@ -60,6 +60,15 @@ def _evaluation_data(results: dict[str, Any]) -> str:
             parts.append(f"candidate set: {t['candidate_set']}")
         if "expand_abbreviations" in t:
             parts.append(f"abbreviations expanded: {'yes' if t['expand_abbreviations'] else 'no'}")
+        remining = training.get("remining")
+        if remining:
+            parts.append(
+                f"hard negatives re-mined from the model every {remining.get('every_steps')} steps "
+                f"({remining.get('remines')} times; {remining.get('dense_negatives')} dense + "
+                f"{remining.get('sparse_negatives')} TF-IDF negatives from a pool of {remining.get('pool_names')} names)"
+            )
+        if t.get("full_candidate_set"):
+            parts.append(f"also scored on the {t['full_candidate_set']} (`full/` metrics in results.json)")
         lines.append(f"- **{task}**: " + "; ".join(parts))
     return "\n".join(lines) if lines else "(not recorded)"
 

@@ -42,6 +42,8 @@ class Task:
     data_collator: Callable | None = None
     primary_metric: str = "accuracy"
     info: dict[str, Any] = field(default_factory=dict)
+    #: Trainer callbacks active only while this task trains (e.g. re-mining its hard negatives)
+    callbacks: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -159,7 +161,14 @@ def run_stream(
         trainer.args.output_dir = task_dir
         checkpoint = get_last_checkpoint(task_dir) if resume and os.path.isdir(task_dir) else None
         t0 = time.perf_counter()
-        trainer.train(resume_from_checkpoint=checkpoint)
+        callbacks = list(getattr(task, "callbacks", None) or [])
+        for callback in callbacks:
+            trainer.add_callback(callback)
+        try:
+            trainer.train(resume_from_checkpoint=checkpoint)
+        finally:
+            for callback in callbacks:
+                trainer.remove_callback(callback)
         timings["train_s"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         trainer.end_task(task.train_dataset, task_name=task.name)

@@ -89,3 +89,54 @@ def test_brief_training_improves_dev_acc1() -> None:
                 break
     after = evaluator.evaluate(model)
     assert after["acc@1"] > before["acc@1"], (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (DATA / "ncbi_disease").is_dir(), reason=f"corpus data not found at {DATA} (set HF_CONTINUAL_DATA)"
+)
+def test_stream_task_remines_negatives_and_builds_both_candidate_sets(tmp_path: Path) -> None:
+    from hf_continual import ContinualConfig
+    from hf_continual.stream import run_stream
+
+    torch.manual_seed(0)
+    model = DualEncoderModel.from_base(gt_minilm.get_model_path(), num_hidden_layers=2)
+    options = {
+        "split": "dev",
+        "max_train_mentions": 80,
+        "max_eval_mentions": 20,
+        "num_candidates": 4,
+        "num_other_candidates": 200,
+        "candidate_gold": "evaluated",
+        "show_progress": False,
+    }
+    # "both": the default set is primary, the whole dictionary (augmented like the default set) under full/
+    both = build_entity_linking_task(
+        "ncbi-disease", DATA, model.tokenizer, eval_candidates="both", augment_dictionary=True, **options
+    )
+    default, full = both.evaluator.evaluators[""], both.evaluator.evaluators["full/"]
+    assert full.full_dictionary and not default.full_dictionary
+    assert len(full.candidates) > len(both.dictionary) and full.candidates.num_ids == both.dictionary.num_ids
+    assert "full dictionary" in both.stats["full_candidate_set"]
+
+    task = build_entity_linking_task(
+        "ncbi-disease", DATA, model.tokenizer, remine_every_steps=2, remine_random_pool=200, **options
+    )
+    miner = task.data_collator.miner
+    assert miner is not None and len(task.callbacks) == 1
+    args = ContinualConfig(
+        output_dir=str(tmp_path),
+        continual_method="none",
+        per_device_train_batch_size=8,
+        max_steps=5,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    result = run_stream(model, [task], args)
+    remining = task.stats["training"]["remining"]
+    assert remining["remines"] == 2 and remining["every_steps"] == 2  # after steps 2 and 4, not 5
+    assert miner.overrides and remining["pool_names"] <= 16 * len(task.train_dataset) + 200
+    assert not any(cb in result.trainer.callback_handler.callbacks for cb in task.callbacks)
+    assert 0.0 <= result.accuracy_matrix[0][0] <= 1.0

@@ -29,12 +29,23 @@ def results_dir(tmp_path):
             "tasks_info": {
                 "ncbi-disease": {
                     "description": "NCBI-disease linked to MEDIC 2012",
-                    "training": {"train_mentions": 500, "examples": 298},
+                    "training": {
+                        "train_mentions": 500,
+                        "examples": 298,
+                        "remining": {
+                            "every_steps": 7,
+                            "remines": 2,
+                            "dense_negatives": 4,
+                            "sparse_negatives": 3,
+                            "pool_names": 9000,
+                        },
+                    },
                     "test": {"mentions": 400},
                     "dev": {"mentions": 787},
                     "evaluated_split": "test",
                     "candidate_set": "default: all names of the 93 gold ids + 1000 other names (2539 names)",
                     "expand_abbreviations": True,
+                    "full_candidate_set": "full dictionary (71924 names)",
                 }
             }
         },
@@ -68,6 +79,8 @@ def test_card_parses_and_metrics_equal_results(results_dir):
     assert (
         "- **ncbi-disease**: NCBI-disease linked to MEDIC 2012; 298 training examples from 500 mentions; "
         "evaluated on 400 test mentions; candidate set: default: all names of the 93 gold ids + 1000 other "
-        "names (2539 names); abbreviations expanded: yes" in text
+        "names (2539 names); abbreviations expanded: yes; hard negatives re-mined from the model every 7 steps "
+        "(2 times; 4 dense + 3 TF-IDF negatives from a pool of 9000 names); also scored on the full dictionary "
+        "(71924 names) (`full/` metrics in results.json)" in text
     )
     assert "- bc5cdr-disease" in text  # no info recorded: listed by name only

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from transformers import PreTrainedTokenizerBase
 
 from .dictionary import Dictionary, normalize_name
 from .retriever import TfidfRetriever
+
+if TYPE_CHECKING:
+    from .mining import HardNegativeMiner
 
 TENSOR_COLUMNS = (
     "mention_input_ids",
@@ -46,7 +50,9 @@ def build_training_examples(
     ``skipped_unlinkable`` for ``-1`` and ``skipped_not_in_dictionary`` otherwise). With ``dedupe``, repeated
     (normalised text, gold ids) pairs give one example. The gold name is candidate 0 unless
     ``shuffle_candidates`` (then ``labels`` holds its position). Returns the dataset (columns
-    :data:`TENSOR_COLUMNS` plus ``query``/``candidates`` texts) and counts.
+    :data:`TENSOR_COLUMNS` plus ``query``/``candidates`` texts, and the dictionary indices that
+    :class:`~.mining.HardNegativeMiner` re-mines from: ``positive``, ``gold_names`` (all names of the gold ids),
+    ``negatives`` and ``sparse_negatives`` (the retriever's ranked non-gold names)) and counts.
     """
     if num_candidates < 2:
         raise ValueError("num_candidates must be >= 2 (the gold name and at least one negative)")
@@ -86,6 +92,7 @@ def build_training_examples(
     q_vecs = retriever.transform(queries)
     texts_per_example: list[list[str]] = []
     labels: list[int] = []
+    mined: dict[str, list] = {"positive": [], "gold_names": [], "negatives": [], "sparse_negatives": []}
     short_of_hard = 0
     for row, (gold_ids, ranked) in enumerate(zip(golds, top)):
         gold_names = sorted({i for g in gold_ids for i in dictionary.id_to_names[g]})
@@ -99,6 +106,10 @@ def build_training_examples(
                 j = rng.randrange(len(dictionary))
                 if j not in excluded and j not in negatives:
                     negatives.append(j)
+        mined["positive"].append(positive)
+        mined["gold_names"].append(gold_names)
+        mined["negatives"].append(negatives)
+        mined["sparse_negatives"].append([int(i) for i in ranked if int(i) not in excluded])
         candidates = [positive, *negatives]
         label = 0
         if shuffle_candidates:
@@ -125,6 +136,7 @@ def build_training_examples(
             "labels": labels,
             "query": queries,
             "candidates": texts_per_example,
+            **mined,
         }
     )
     return dataset, stats
@@ -136,13 +148,17 @@ class DualEncoderCollator:
 
     Mentions and candidates share one length L (the longest sequence in the batch, optionally rounded up
     to ``pad_to_multiple_of``) so that the model can stack them into one encoder batch. Keys other than
-    :data:`TENSOR_COLUMNS` are ignored.
+    :data:`TENSOR_COLUMNS` are ignored. With ``miner`` set, an example the miner has re-mined gets its current
+    candidates instead of the ones stored in the dataset (see :mod:`.mining`).
     """
 
     pad_token_id: int = 0
     pad_to_multiple_of: int | None = None
+    miner: HardNegativeMiner | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if self.miner is not None:
+            features = [self._remined(f) for f in features]
         k = len(features[0]["candidate_input_ids"])
         if any(len(f["candidate_input_ids"]) != k for f in features):
             raise ValueError("all examples of a batch need the same number of candidates")
@@ -173,3 +189,12 @@ class DualEncoderCollator:
         if "labels" in features[0]:
             out["labels"] = torch.as_tensor([int(f["labels"]) for f in features], dtype=torch.long)
         return out
+
+    def _remined(self, feature: dict) -> dict:
+        if "labels" not in feature:
+            return feature
+        gold = feature["candidate_input_ids"][int(feature["labels"])]
+        found = self.miner.candidates_for(feature["mention_input_ids"], gold)
+        if found is None:
+            return feature
+        return {**feature, "candidate_input_ids": found[0], "candidate_attention_mask": found[1]}

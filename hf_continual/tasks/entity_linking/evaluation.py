@@ -159,3 +159,32 @@ class RetrievalEvaluator:
         retriever = retriever or TfidfRetriever(self.candidates.names)
         ranked, _ = retriever.topk([normalize_name(q) for q in self.queries], self.top_names)
         return self._finish(ranked)
+
+
+class CombinedEvaluator:
+    """Several evaluators of the same mentions (e.g. the default candidate set and the full dictionary).
+
+    ``evaluate(model)`` merges their results, each under its prefix (``""`` for the primary one, e.g.
+    ``"full/"`` for the full dictionary: ``full/acc@1``, ``full/not_in_dictionary``...).
+    """
+
+    def __init__(self, evaluators: dict[str, RetrievalEvaluator]) -> None:
+        if "" not in evaluators:
+            raise ValueError("one evaluator must have the empty prefix (the primary metrics)")
+        self.evaluators = dict(evaluators)
+
+    @property
+    def primary(self) -> RetrievalEvaluator:
+        return self.evaluators[""]
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for prefix, evaluator in self.evaluators.items():
+            out.update({prefix + k: v for k, v in evaluator.evaluate(model).items()})
+        return out
+
+    def evaluate_tfidf(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for prefix, evaluator in self.evaluators.items():
+            out.update({prefix + k: v for k, v in evaluator.evaluate_tfidf().items()})
+        return out

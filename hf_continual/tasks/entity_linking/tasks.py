@@ -26,7 +26,8 @@ from transformers import PreTrainedTokenizerBase
 from .abbrev import add_query_column
 from .data import DualEncoderCollator, build_training_examples
 from .dictionary import Dictionary, load_dictionary
-from .evaluation import RetrievalEvaluator
+from .evaluation import CombinedEvaluator, RetrievalEvaluator
+from .mining import HardNegativeMiner, RemineNegativesCallback
 from .pubtator import load_pubtator_mentions
 from .retriever import TfidfRetriever
 
@@ -130,11 +131,13 @@ class EntityLinkingTask:
     name: str
     train_dataset: Dataset
     data_collator: DualEncoderCollator
-    evaluator: RetrievalEvaluator
+    evaluator: RetrievalEvaluator | CombinedEvaluator
     dictionary: Dictionary
     eval_mentions: Dataset
     stats: dict[str, Any] = field(default_factory=dict)
     primary_metric: str = "acc@1"
+    #: Trainer callbacks the stream activates while this task trains (hard-negative re-mining)
+    callbacks: list[Any] = field(default_factory=list)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -159,7 +162,7 @@ def build_entity_linking_task(
     max_train_mentions: int | None = None,
     max_eval_mentions: int | None = None,
     num_candidates: int = 8,
-    eval_candidates: Literal["default", "full"] = "default",
+    eval_candidates: Literal["default", "full", "both"] = "default",
     seed: int = 0,
     expand_abbreviations: bool = False,
     num_other_candidates: int = 20_000,
@@ -169,6 +172,9 @@ def build_entity_linking_task(
     show_progress: bool = True,
     candidate_gold: Literal["all_splits", "evaluated"] = "all_splits",
     augment_dictionary: bool = False,
+    remine_every_steps: int | None = None,
+    remine_dense_negatives: int | None = None,
+    remine_random_pool: int = 5000,
 ) -> EntityLinkingTask:
     """Build the task ``name`` (a :data:`TASK_REGISTRY` key) from the files under ``data_dir``.
 
@@ -186,8 +192,10 @@ def build_entity_linking_task(
         raise KeyError(f"unknown entity-linking task {name!r}; known: {sorted(TASK_REGISTRY)}")
     if split not in ("test", "dev"):
         raise ValueError(f"split must be 'test' or 'dev', got {split!r}")
-    if eval_candidates not in ("default", "full"):
-        raise ValueError(f"eval_candidates must be 'default' or 'full', got {eval_candidates!r}")
+    if eval_candidates not in ("default", "full", "both"):
+        raise ValueError(f"eval_candidates must be 'default', 'full' or 'both', got {eval_candidates!r}")
+    if remine_every_steps is not None and remine_every_steps < 1:
+        raise ValueError(f"remine_every_steps must be a positive number of steps, got {remine_every_steps}")
     spec = TASK_REGISTRY[name]
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     dict_path = (root / spec.dictionary).resolve()
@@ -225,6 +233,22 @@ def build_entity_linking_task(
         seed=seed,
     )
     stats["training"] = train_stats
+    miner, callbacks = None, []
+    if remine_every_steps is not None:
+        miner = HardNegativeMiner(
+            train_dataset,
+            dictionary,
+            tokenizer,
+            max_length=max_length,
+            dense_negatives=remine_dense_negatives,
+            random_pool=remine_random_pool,
+            batch_size=eval_batch_size,
+            seed=seed,
+            show_progress=show_progress,
+        )
+        miner.report["every_steps"] = remine_every_steps
+        train_stats["remining"] = miner.report
+        callbacks.append(RemineNegativesCallback(miner, remine_every_steps))
 
     if eval_candidates == "full":
         candidates = dictionary
@@ -242,11 +266,15 @@ def build_entity_linking_task(
             f"default: all names of the {sum(g in dictionary for g in gold)} gold ids of {where} "
             f"+ {num_other_candidates} other names sampled with seed {seed} ({len(candidates)} names)"
         )
-    if augment_dictionary:
+
+    def with_training_names(names: Dictionary) -> tuple[Dictionary, dict[str, int]]:
         train = splits["train"]
-        candidates, counts = candidates.augmented(
-            zip(train["query"], train["ids"]), source=f"{candidates.source} + training mention names"
+        return names.augmented(
+            zip(train["query"], train["ids"]), source=f"{names.source} + training mention names"
         )
+
+    if augment_dictionary:
+        candidates, counts = with_training_names(candidates)
         stats["dictionary_augmentation"] = counts
         description += (
             f"; augmented with {counts['added']} training mention names ({counts['new_names']} new names, "
@@ -257,23 +285,32 @@ def build_entity_linking_task(
     stats["augment_dictionary"] = augment_dictionary
     stats["evaluated_split"] = split
     eval_mentions = splits[split]
-    evaluator = RetrievalEvaluator(
-        eval_mentions["query"],
-        eval_mentions["ids"],
-        candidates,
-        tokenizer=tokenizer,
-        full_dictionary=eval_candidates == "full",
-        batch_size=eval_batch_size,
-        max_length=max_length,
-        show_progress=show_progress,
-    )
+
+    def retrieval(names: Dictionary, full: bool) -> RetrievalEvaluator:
+        return RetrievalEvaluator(
+            eval_mentions["query"],
+            eval_mentions["ids"],
+            names,
+            tokenizer=tokenizer,
+            full_dictionary=full,
+            batch_size=eval_batch_size,
+            max_length=max_length,
+            show_progress=show_progress,
+        )
+
+    evaluator: RetrievalEvaluator | CombinedEvaluator = retrieval(candidates, eval_candidates == "full")
+    if eval_candidates == "both":
+        full = with_training_names(dictionary)[0] if augment_dictionary else dictionary
+        evaluator = CombinedEvaluator({"": evaluator, "full/": retrieval(full, True)})
+        stats["full_candidate_set"] = f"full dictionary ({len(full)} names)"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return EntityLinkingTask(
         name=name,
         train_dataset=train_dataset,
-        data_collator=DualEncoderCollator(pad_token_id=pad_id),
+        data_collator=DualEncoderCollator(pad_token_id=pad_id, miner=miner),
         evaluator=evaluator,
         dictionary=dictionary,
         eval_mentions=eval_mentions,
         stats=stats,
+        callbacks=callbacks,
     )
