@@ -638,13 +638,24 @@ def _outer_sum(x: torch.Tensor, bias: bool) -> torch.Tensor:
     return x.T @ x
 
 
-def _add_outer_(acc: torch.Tensor, x: torch.Tensor) -> None:
+def _add_outer_(acc: torch.Tensor, x: torch.Tensor, buffers: dict[Any, torch.Tensor] | None = None) -> None:
     """``acc += x^T x`` in place (no [d, d] temporary when the dtypes agree: a fresh 9 MB product per layer and
-    batch, then a separate add, measured several times the cost of the product itself on CPU)."""
+    batch, then a separate add, measured several times the cost of the product itself on CPU).
+
+    A lower-precision ``x`` (``compute_dtype``) is multiplied with its transpose made contiguous (the bf16
+    matmul kernels are ~2x faster on it) into a reused buffer from ``buffers``, then added into the fp32 sum.
+    """
     if x.dtype == acc.dtype:
         acc.addmm_(x.T, x)
-    else:
-        acc += (x.T @ x).to(acc.dtype)
+        return
+    d = x.shape[1]
+    key = (d, x.dtype, x.device)
+    buf = None if buffers is None else buffers.get(key)
+    if buf is None:
+        buf = torch.empty(d, d, dtype=x.dtype, device=x.device)
+        if buffers is not None:
+            buffers[key] = buf
+    acc.add_(torch.mm(x.T.contiguous(), x, out=buf))
 
 
 def _symmetric_mean_(total: torch.Tensor, count: float) -> torch.Tensor:
@@ -723,6 +734,7 @@ class KFACCollector:
         self.include = include
         self.collect_diagonal = diagonal
         self.compute_dtype = compute_dtype
+        self._buffers: dict[Any, torch.Tensor] = {}  # product buffers for a lower-precision compute_dtype
         self.damping = damping
         self.cross_task: CrossTask = cross_task
         self.diagonal_kwargs = diagonal_kwargs or {}
@@ -845,7 +857,8 @@ class KFACCollector:
             self.diag.after_backward()
 
     def detach(self) -> None:
-        """Remove hooks."""
+        """Remove hooks (and free the product buffers)."""
+        self._buffers.clear()
         if self.capture is not None:
             self.capture.detach()
         if self.diag is not None:
@@ -933,7 +946,7 @@ class KFACCollector:
                 cache[key] = _outer_sum(self._cast(a), bias).float()
             acc += cache[key]
         else:
-            _add_outer_(acc, _with_ones(self._cast(a), bias))
+            _add_outer_(acc, _with_ones(self._cast(a), bias), self._buffers)
         self._sums[f"kfac:{name}:nA"] += count
 
     def _accumulate_g(self, name: str, recs: list[Record]) -> None:
@@ -944,7 +957,7 @@ class KFACCollector:
             g = g.reshape(-1, g.shape[-1])
             if mask is not None:
                 g = g[mask.reshape(-1) != 0]
-        _add_outer_(self._sums[f"kfac:{name}:G"], self._cast(g))
+        _add_outer_(self._sums[f"kfac:{name}:G"], self._cast(g), self._buffers)
 
 
 def kfac_layers_of(
