@@ -1,7 +1,8 @@
-"""Cost table and forgetting table from the bench result files, as one markdown file.
+"""Cost, forgetting and entity-linking quality tables from the bench result files, as one markdown file.
 
 Reads ``bench/results/{fisher,kfac,fish}.json`` (``bench_fisher.py``, ``bench_kfac.py``, ``bench_fish.py``) and
-``bench/results/forgetting/summary.md`` (``forgetting.py``); writes ``bench/results/tables.md``. A missing input
+``bench/results/forgetting/summary.md`` (``forgetting.py``) and ``bench/results/el_quality/summary.md``
+(``el_quality.py``); writes ``bench/results/tables.md``. A missing input
 is named in the output instead of a number. ``make bench`` runs every bench and then this script, so the
 README's tables can be copied from one file whose numbers all come from result files.
 
@@ -133,6 +134,9 @@ def render(results: Path) -> str:
     lines += ["", "## Forgetting on NCBI-disease -> BC5CDR-disease -> BC5CDR-chemical", ""]
     summary = results / "forgetting" / "summary.md"
     lines.append(summary.read_text().rstrip() if summary.is_file() else "missing: run bench/forgetting.py")
+    lines += ["", "## Entity-linking quality per task alone (ablation)", ""]
+    quality = results / "el_quality" / "summary.md"
+    lines.append(quality.read_text().rstrip() if quality.is_file() else "missing: run bench/el_quality.py")
     return "\n".join(lines) + "\n"
 
 
