@@ -243,6 +243,10 @@ def cost(
         ("expand", dict(kfac_mode="expand", diagonal=False)),
         ("expand_bf16", dict(kfac_mode="expand", diagonal=False, compute_dtype=torch.bfloat16)),
         ("reduce", dict(kfac_mode="reduce", diagonal=False, layer_modes={})),
+        (
+            "reduce_bf16",
+            dict(kfac_mode="reduce", diagonal=False, layer_modes={}, compute_dtype=torch.bfloat16),
+        ),
         ("expand+diag", dict(kfac_mode="expand")),
         ("reduce+diag", dict(kfac_mode="reduce", layer_modes={})),
         ("reduce_key_expand", dict(kfac_mode="reduce", diagonal=False, layer_modes={KEY_LAYERS: "expand"})),
@@ -258,11 +262,26 @@ def cost(
             )
 
         passes[name] = _timeit(run, repeat) / unit
-        if name in ("reduce", "expand"):
+        if name in ("reduce", "expand", "expand_bf16", "reduce_bf16"):
             fishers[name] = holder["f"]
         del holder
         print(f"  factor pass {name}: {passes[name]:.2f}x", flush=True)
     res["factor_pass_x"] = passes
+    # what bf16 products cost in accuracy: relative Frobenius error of each factor against the fp32 pass
+    bf16_err = {}
+    for base in ("expand", "reduce"):
+        if base in fishers and f"{base}_bf16" in fishers:
+            errs = []
+            for layer in fishers[base].layers:
+                for which in (0, 1):
+                    ref = fishers[base].factors(layer.module)[which]
+                    got = fishers[f"{base}_bf16"].factors(layer.module)[which]
+                    errs.append(float((got - ref).norm() / ref.norm().clamp_min(1e-30)))
+            bf16_err[base] = {"rel_frob_mean": sum(errs) / len(errs), "rel_frob_max": max(errs)}
+            print(f"  bf16 products, {base}: factor rel. Frobenius error {bf16_err[base]}", flush=True)
+    res["bf16_factor_error"] = bf16_err
+    for key in ("expand_bf16", "reduce_bf16"):
+        fishers.pop(key, None)
 
     # training step (train mode, AdamW) and penalty per step
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)

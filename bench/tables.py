@@ -64,10 +64,20 @@ def cost_rows(results: Path) -> list[tuple[str, str, str, str]]:
         ]
         for key, label in (
             ("expand_bf16", "expand, bf16 outer products"),
+            ("reduce_bf16", "reduce, bf16 outer products"),
             ("reduce+diag", "reduce + diagonal of the other parameters (what `kfac` runs)"),
         ):
             if key in x:
                 rows.append((f"K-FAC factor pass, {label} / plain pass", f"{x[key]:.2f}x", "", "kfac.json"))
+        for base, err in c.get("bf16_factor_error", {}).items():
+            rows.append(
+                (
+                    f"K-FAC bf16 products, {base}: factor rel. Frobenius error vs fp32 (mean; max)",
+                    f"{err['rel_frob_mean']:.1e}; {err['rel_frob_max']:.1e}",
+                    "",
+                    "kfac.json",
+                )
+            )
         forms = c["forms"]
         dense, r64 = forms.get("dense_fp32"), forms.get("eig_r64")
         if dense:
