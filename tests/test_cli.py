@@ -86,3 +86,18 @@ def test_run_toy_recipe_writes_results_card_and_state(tmp_path, capsys):
     assert "ACC" in capsys.readouterr().out
     assert main(["card", str(out)]) == 0
     assert (out / "README.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_recipe_loads_and_validates(path: Path) -> None:
+    """The recipes in recipes/ parse, and their training and task sections are valid for this version (a GPU
+    recipe's bf16 is switched off here: this machine has no bf16 device)."""
+    import yaml
+
+    from hf_continual.recipe import load_recipe
+
+    gpu = yaml.safe_load(path.read_text()).get("training", {}).get("bf16", False)
+    recipe = load_recipe(path, overrides=["bf16=false", "use_cpu=true"] if gpu else [])
+    assert recipe.tasks and recipe.config().output_dir
