@@ -3,7 +3,7 @@
 Each task is trained alone from the packaged all-MiniLM-L6-v2 on its whole training split (1 epoch, the
 training settings of ``--recipe``: lr, batch, warmup) and evaluated on its whole test split, with acc@1/acc@5
 on the default candidate set (all names of the gold ids of every split + 20,000 sampled names) and on the full
-dictionary (MEDIC: 71,924 names; MeSH chemicals: 543,374 names, which take about 14 min to encode on 2 CPU cores,
+dictionary (MEDIC: 71,924 names; MeSH chemicals: 543,374 names, which take about 15 min to encode on 2 CPU cores,
 so by default only the ``all`` and ``no_remining`` configurations are scored on it for the chemical task:
 ``--full-chemical``).
 
@@ -199,7 +199,7 @@ def main() -> None:
         nargs="*",
         default=["all", "no_remining"],
         choices=list(CONFIGS),
-        help="configurations scored on the full MeSH vocabulary for bc5cdr-chemical (about 14 min each)",
+        help="configurations scored on the full MeSH vocabulary for bc5cdr-chemical (about 15 min each)",
     )
     ap.add_argument("--max-train-mentions", type=int, default=None, help="subsample (quick checks only)")
     ap.add_argument("--max-eval-mentions", type=int, default=None, help="subsample (quick checks only)")
