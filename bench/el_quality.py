@@ -1,6 +1,6 @@
 """Entity-linking quality per task alone, with a leave-one-out ablation of the linker's ingredients.
 
-Each task is trained alone from the packaged all-MiniLM-L6-v2 on its whole training split (1 epoch, the
+Each task is trained alone from the packaged all-MiniLM-L6-v2 on its whole training split (``--epochs``, default 1; the
 training settings of ``--recipe``: lr, batch, warmup) and evaluated on its whole test split, with acc@1/acc@5
 on the default candidate set (all names of the gold ids of every split + 20,000 sampled names) and on the full
 dictionary (MEDIC: 71,924 names; MeSH chemicals: 543,374 names, which take about 15 min to encode on 2 CPU cores,
@@ -11,8 +11,8 @@ Configurations (``all`` minus one ingredient each):
 
 - ``untouched`` / ``untouched_no_abbreviations``: the packaged model, no training;
 - ``all``: abbreviations expanded (Schwartz-Hearst, same document), training mention names added to the
-  searched dictionary, hard negatives re-mined from the model twice per epoch (after 1/3 and 2/3 of the
-  steps: half of the 7 negatives dense from a pool of each example's 16 best TF-IDF names + 5,000 sampled
+  searched dictionary, hard negatives re-mined from the model every third of an epoch (not after the last
+  step: half of the 7 negatives dense from a pool of each example's 16 best TF-IDF names + 5,000 sampled
   names, the rest TF-IDF);
 - ``no_abbreviations``, ``no_augmentation``, ``no_remining``: ``all`` without that ingredient.
 
@@ -63,6 +63,7 @@ def run_one(
     out_file: Path,
     show_progress: bool,
     limits: dict[str, int | None],
+    epochs: int = 1,
 ) -> dict[str, Any]:
     import torch
 
@@ -93,7 +94,7 @@ def run_one(
     task = build_entity_linking_task(task_name, recipe.data_dir, tokenizer, **options)
     every = None
     if spec["remine"]:
-        steps = math.ceil(len(task.train_dataset) / batch)
+        steps = math.ceil(len(task.train_dataset) / batch)  # per epoch
         every = max(1, math.ceil(steps / (REMINES_PER_EPOCH + 1)))
         (callback,) = task.callbacks
         callback.every_steps = every
@@ -105,7 +106,7 @@ def run_one(
         scratch = tempfile.mkdtemp(prefix="el_quality-")
         args = recipe.config(
             continual_method="none",
-            num_train_epochs=1,
+            num_train_epochs=epochs,
             output_dir=scratch,
             save_strategy="no",
             disable_tqdm=not show_progress,
@@ -139,7 +140,7 @@ def run_one(
             k: recipe.training.get(k)
             for k in ("learning_rate", "per_device_train_batch_size", "warmup_steps")
         }
-        | {"num_train_epochs": 1, "seed": seed},
+        | {"num_train_epochs": epochs, "seed": seed},
         "loss_log": log,
         "seconds": {"build": build_s, "train": train_s, "evaluate": eval_s},
     }
@@ -151,11 +152,12 @@ def fmt(metrics: dict[str, float], key: str) -> str:
     return f"{100 * metrics[key]:.1f}" if key in metrics else "-"
 
 
-def summarize(out: Path, records: list[dict[str, Any]]) -> None:
+def summarize(out: Path, records: list[dict[str, Any]], epochs: int = 1) -> None:
     from hf_continual.state import atomic_write_json, atomic_write_text
 
     lines = [
-        "acc@1 / acc@5 x100 on the whole test split of each task, trained alone (1 epoch) from the packaged MiniLM.",
+        f"acc@1 / acc@5 x100 on the whole test split of each task, trained alone ({epochs} epoch"
+        f"{'s' if epochs > 1 else ''}) from the packaged MiniLM.",
         "default = all names of the gold ids of every split + 20,000 sampled names; full = the whole dictionary.",
         "",
         "| task | configuration | default acc@1 | default acc@5 | full acc@1 | full acc@5 | goal (full acc@1) | "
@@ -201,6 +203,7 @@ def main() -> None:
         choices=list(CONFIGS),
         help="configurations scored on the full MeSH vocabulary for bc5cdr-chemical (about 15 min each)",
     )
+    ap.add_argument("--epochs", type=int, default=1, help="training epochs (use another --out per value)")
     ap.add_argument("--max-train-mentions", type=int, default=None, help="subsample (quick checks only)")
     ap.add_argument("--max-eval-mentions", type=int, default=None, help="subsample (quick checks only)")
     ap.add_argument("--progress", action="store_true", help="show progress bars")
@@ -217,7 +220,13 @@ def main() -> None:
         for config in ns.configs:
             out_file = out / task_name / f"{config}.json"
             if out_file.exists():
-                records.append(json.loads(out_file.read_text()))
+                record = json.loads(out_file.read_text())
+                done = record["training_args"]["num_train_epochs"]
+                if record["ingredients"]["train"] and done != ns.epochs:
+                    sys.exit(
+                        f"{out_file} was trained for {done} epoch(s), not {ns.epochs}: use another --out"
+                    )
+                records.append(record)
                 continue
             if ns.only_finished:
                 print(f"missing: {out_file}")
@@ -225,7 +234,7 @@ def main() -> None:
             print(f"\n=== {task_name} {config}", flush=True)
             full = full_wanted(task_name, config, ns.full_chemical)
             limits = {"max_train_mentions": ns.max_train_mentions, "max_eval_mentions": ns.max_eval_mentions}
-            rec = run_one(task_name, config, recipe, full, out_file, ns.progress, limits)
+            rec = run_one(task_name, config, recipe, full, out_file, ns.progress, limits, ns.epochs)
             m = rec["metrics"]
             print(
                 f"--- {task_name} {config}: acc@1 {fmt(m, 'acc@1')} full {fmt(m, 'full/acc@1')} "
@@ -234,7 +243,7 @@ def main() -> None:
             )
             records.append(rec)
     if records:
-        summarize(out, records)
+        summarize(out, records, ns.epochs)
 
 
 if __name__ == "__main__":
