@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -77,7 +76,6 @@ def run_one(
     torch.manual_seed(seed)
     model = DualEncoderModel.from_base(resolve_model_name(recipe.model))
     tokenizer = model.get_tokenizer()
-    batch = int(recipe.training.get("per_device_train_batch_size", 16))
     t0 = time.perf_counter()
     options = {
         "split": "test",
@@ -89,16 +87,9 @@ def run_one(
         "show_progress": show_progress,
         **limits,
     }
-    if spec["remine"]:
-        options["remine_every_steps"] = 1  # the schedule is set below, once the number of examples is known
+    if spec["remine"]:  # a fraction of an epoch: after each third of it
+        options["remine_every_steps"] = 1 / (REMINES_PER_EPOCH + 1)
     task = build_entity_linking_task(task_name, recipe.data_dir, tokenizer, **options)
-    every = None
-    if spec["remine"]:
-        steps = math.ceil(len(task.train_dataset) / batch)  # per epoch
-        every = max(1, math.ceil(steps / (REMINES_PER_EPOCH + 1)))
-        (callback,) = task.callbacks
-        callback.every_steps = every
-        callback.miner.report["every_steps"] = every
     build_s = time.perf_counter() - t0
     train_s = 0.0
     log: list[dict[str, Any]] = []
@@ -135,7 +126,7 @@ def run_one(
         "ingredients": spec,
         "metrics": metrics,
         "stats": task.stats,
-        "remine_every_steps": every,
+        "remine_every_steps": task.stats["training"].get("remining", {}).get("every_steps"),
         "training_args": {
             k: recipe.training.get(k)
             for k in ("learning_rate", "per_device_train_batch_size", "warmup_steps")

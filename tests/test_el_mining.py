@@ -149,6 +149,12 @@ def test_callback_remines_on_schedule_inside_a_trainer(tokenizer, tmp_path) -> N
     trainer.train()
     assert trainer.state.global_step == 4
     assert len(miner.history) == 1  # after step 2; not after the last step (4)
+    # a fraction of an epoch is resolved when training starts: half of 4 steps = every 2 steps again
+    by_fraction = RemineNegativesCallback(miner, every_steps=0.5)
+    trainer.remove_callback(RemineNegativesCallback)
+    trainer.add_callback(by_fraction)
+    trainer.train()
+    assert len(miner.history) == 2 and miner.report["every_steps"] == 2
     args.dataloader_num_workers = 1
     with pytest.raises(ValueError, match="dataloader_num_workers=0"):
         trainer.train()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -177,14 +177,11 @@ class CombinedEvaluator:
     def primary(self) -> RetrievalEvaluator:
         return self.evaluators[""]
 
+    def _merged(self, score: Callable[[RetrievalEvaluator], dict[str, float]]) -> dict[str, float]:
+        return {prefix + k: v for prefix, ev in self.evaluators.items() for k, v in score(ev).items()}
+
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for prefix, evaluator in self.evaluators.items():
-            out.update({prefix + k: v for k, v in evaluator.evaluate(model).items()})
-        return out
+        return self._merged(lambda ev: ev.evaluate(model))
 
     def evaluate_tfidf(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for prefix, evaluator in self.evaluators.items():
-            out.update({prefix + k: v for k, v in evaluator.evaluate_tfidf().items()})
-        return out
+        return self._merged(RetrievalEvaluator.evaluate_tfidf)

@@ -10,11 +10,13 @@ costs one encoder pass over a few names per example instead of the whole diction
 The new candidates reach training through the collator: :class:`~.data.DualEncoderCollator` with ``miner`` set
 replaces the candidate tokens of an example it recognises (by its mention and gold-name tokens), so the
 ``datasets.Dataset`` stays immutable and examples of other tasks (replay) keep theirs.
-:class:`RemineNegativesCallback` runs the re-mine every ``every_steps`` optimizer steps of a ``Trainer``.
+:class:`RemineNegativesCallback` runs the re-mine every ``every_steps`` optimizer steps of a ``Trainer`` (or a
+fraction of an epoch).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -188,14 +190,18 @@ class HardNegativeMiner:
 class RemineNegativesCallback(TrainerCallback):
     """Re-mines ``miner``'s hard negatives every ``every_steps`` optimizer steps (not after the last one).
 
-    The collator reads the new candidates in the main process, so ``dataloader_num_workers`` must be 0.
+    ``every_steps`` below 1 is a fraction of an epoch (as for ``warmup_steps``), resolved when training starts:
+    ``1/3`` re-mines after each third of an epoch. The resolved step count is in ``miner.report``. The collator
+    reads the new candidates in the main process, so ``dataloader_num_workers`` must be 0.
     """
 
-    def __init__(self, miner: HardNegativeMiner, every_steps: int) -> None:
-        if every_steps < 1:
-            raise ValueError(f"every_steps must be >= 1, got {every_steps}")
+    def __init__(self, miner: HardNegativeMiner, every_steps: float) -> None:
+        if not every_steps > 0:
+            raise ValueError(f"every_steps must be > 0 (steps, or a fraction of an epoch), got {every_steps}")
         self.miner = miner
         self.every_steps = every_steps
+        self._every = int(every_steps) if every_steps >= 1 else None
+        miner.report["every_steps"] = self._every
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 - Trainer callback API
         if args.dataloader_num_workers:
@@ -203,8 +209,12 @@ class RemineNegativesCallback(TrainerCallback):
                 "re-mining hard negatives needs dataloader_num_workers=0 (worker processes would keep "
                 f"stale candidates), got {args.dataloader_num_workers}"
             )
+        if self.every_steps < 1:
+            per_epoch = state.max_steps / max(state.num_train_epochs, 1)
+            self._every = max(1, math.ceil(self.every_steps * per_epoch - 1e-9))
+            self.miner.report["every_steps"] = self._every
 
     def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
-        if model is None or state.global_step % self.every_steps or state.global_step >= state.max_steps:
+        if model is None or state.global_step % self._every or state.global_step >= state.max_steps:
             return
         self.miner.remine(model)

@@ -172,7 +172,7 @@ def build_entity_linking_task(
     show_progress: bool = True,
     candidate_gold: Literal["all_splits", "evaluated"] = "all_splits",
     augment_dictionary: bool = False,
-    remine_every_steps: int | None = None,
+    remine_every_steps: float | None = None,
     remine_dense_negatives: int | None = None,
     remine_random_pool: int = 5000,
 ) -> EntityLinkingTask:
@@ -187,6 +187,12 @@ def build_entity_linking_task(
     the long form, for training and evaluation alike. With ``augment_dictionary`` the searched candidate set
     also holds the texts of the training mentions (the sampled ones this task trains on; never dev or test
     mentions) as names of their gold ids; the hard negatives are still mined from the dictionary alone.
+    ``eval_candidates="both"`` reports the default set's metrics and the full dictionary's under ``full/``.
+
+    With ``remine_every_steps`` (optimizer steps, or a fraction of an epoch below 1) the task carries a
+    :class:`~.mining.RemineNegativesCallback`: on that schedule, ``remine_dense_negatives`` (default half) of
+    each example's K-1 negatives are replaced by the names the current model ranks highest among a pool (16
+    sparse candidates per example plus ``remine_random_pool`` sampled dictionary names); the others stay TF-IDF.
     """
     if name not in TASK_REGISTRY:
         raise KeyError(f"unknown entity-linking task {name!r}; known: {sorted(TASK_REGISTRY)}")
@@ -194,8 +200,10 @@ def build_entity_linking_task(
         raise ValueError(f"split must be 'test' or 'dev', got {split!r}")
     if eval_candidates not in ("default", "full", "both"):
         raise ValueError(f"eval_candidates must be 'default', 'full' or 'both', got {eval_candidates!r}")
-    if remine_every_steps is not None and remine_every_steps < 1:
-        raise ValueError(f"remine_every_steps must be a positive number of steps, got {remine_every_steps}")
+    if remine_every_steps is not None and not remine_every_steps > 0:
+        raise ValueError(
+            f"remine_every_steps must be > 0 (steps, or a fraction of an epoch below 1), got {remine_every_steps}"
+        )
     spec = TASK_REGISTRY[name]
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     dict_path = (root / spec.dictionary).resolve()
@@ -246,7 +254,6 @@ def build_entity_linking_task(
             seed=seed,
             show_progress=show_progress,
         )
-        miner.report["every_steps"] = remine_every_steps
         train_stats["remining"] = miner.report
         callbacks.append(RemineNegativesCallback(miner, remine_every_steps))
 
