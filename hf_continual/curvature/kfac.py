@@ -382,8 +382,17 @@ class KFACFisher(Curvature):
         diagonal part uses its own (``torch._foreach_*``) ``penalty_grad_`` when it has one.
         """
         named = dict(params.named_parameters()) if isinstance(params, nn.Module) else dict(params)
-        kfac_only = KFACFisher(self.layers, None, self.damping, self.cross_task, self.mode, self.task_weight)
-        value = float(curvature_penalty_grad_(kfac_only, named, anchors, lam))
+        value = 0.0
+        generic = []
+        for layer in self.layers:
+            eig = all(isinstance(t.A, EigFactor) and isinstance(t.G, EigFactor) for t in layer.terms)
+            if eig and layer.weight in named and layer.weight in anchors:
+                value += _eig_layer_penalty_grad_(layer, named, anchors, lam, self.damping)
+            else:
+                generic.append(layer)
+        if generic:
+            kfac_only = KFACFisher(generic, None, self.damping, self.cross_task, self.mode, self.task_weight)
+            value += float(curvature_penalty_grad_(kfac_only, named, anchors, lam))
         if self.diagonal is not None:
             dn = [n for n in self.diagonal.param_names if n in named and n in anchors]
             if hasattr(self.diagonal, "penalty_grad_"):
@@ -588,6 +597,90 @@ def _collapse(terms: list[KronTerm]) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError("merged mode expects one Kronecker term per layer")
     t = terms[0]
     return t.A.to_dense(), t.G.to_dense() * t.scale
+
+
+def _eig_layer_penalty_grad_(
+    layer: KFACLayer,
+    named: Mapping[str, torch.Tensor],
+    anchors: Mapping[str, torch.Tensor],
+    lam: float,
+    damping: float,
+) -> float:
+    """``grad += lam * G' X A'`` for one layer whose factors are all :class:`EigFactor`; returns ``lam/2 <X, G'X A'>``.
+
+    With ``F' = Q D Q^T + r I`` for both (damped) factors, ``P = X Q_A`` and ``R = Q_G^T X``::
+
+        G' X A' = Q_G U + r_G (P D_A) Q_A^T + r_A r_G X,   U = D_G (Q_G^T P D_A Q_A^T + r_A R)
+        <X, G' X A'> = <R, U> + r_G <P, P D_A> + r_A r_G |X|^2
+
+    The weight gradient is then ONE ``addmm_`` of ``[Q_G | r_G P D_A] @ [U; Q_A^T]`` straight into ``p.grad`` plus
+    ``r_A r_G X``: no ``[out, in]`` temporary besides ``X`` itself, and the value comes from the small ``[k, in]``
+    and ``[out, k]`` products (a generic ``matvec`` makes about twice the full-size memory passes).
+    """
+    w_name, b_name = layer.weight, layer.bias
+    w = named[w_name]
+    has_b = b_name is not None and b_name in named and b_name in anchors
+    dw = (w.detach() - anchors[w_name].to(w.device)).float()
+    db = (named[b_name].detach() - anchors[b_name].to(w.device)).float() if has_b else None  # type: ignore[index]
+    n_in = dw.shape[1]
+    grad_w = _fp32_grad(w)
+    grad_b = _fp32_grad(named[b_name]) if has_b else None  # type: ignore[index]
+    total = 0.0
+    for t in layer.terms:
+        A, G = t.A, t.G
+        assert isinstance(A, EigFactor) and isinstance(G, EigFactor)
+        sa, sg = damping_shifts(A, G, damping)
+        qa, qg = A.q.to(dw), G.q.to(dw)
+        ra, rg = float(A.rho) + sa, float(G.rho) + sg
+        da, dg = A.lam.to(dw) + sa - ra, G.lam.to(dw) + sg - rg
+        qa_w = qa[:n_in]
+        p_ = dw @ qa_w  # [out, kA]
+        r_w = qg.T @ dw  # [kG, in]
+        r_b = None
+        if layer.bias is not None:  # A covers [W | b]: the bias row of Q_A
+            if db is not None:
+                p_.addr_(db, qa[n_in])
+                r_b = qg.T @ db
+        pd = p_ * da  # P D_A
+        c = qg.T @ pd  # Q_G^T P D_A   [kG, kA]
+        u_w = torch.addmm(r_w, c, qa_w.T, beta=ra, alpha=1.0) if ra else c @ qa_w.T
+        u_w.mul_(dg[:, None])
+        val = float(torch.vdot(r_w.reshape(-1), u_w.reshape(-1)))
+        u_b = None
+        if r_b is not None:
+            u_b = (c @ qa[n_in] + ra * r_b) * dg
+            val += float(torch.dot(r_b, u_b))
+        if rg:
+            val += rg * float((p_ * pd).sum())
+            left = torch.cat([qg, rg * pd], dim=1)
+            right_w = torch.cat([u_w, qa_w.T], dim=0)
+        else:
+            left, right_w = qg, u_w
+        alpha = lam * t.scale
+        grad_w.addmm_(left, right_w, alpha=alpha)
+        if grad_b is not None and u_b is not None:
+            right_b = torch.cat([u_b, qa[n_in]]) if rg else u_b
+            grad_b.add_(left @ right_b, alpha=alpha)
+        if ra and rg:
+            sq = float(torch.vdot(dw.reshape(-1), dw.reshape(-1)))
+            grad_w.add_(dw, alpha=alpha * ra * rg)
+            if db is not None and grad_b is not None:
+                sq += float(torch.dot(db, db))
+                grad_b.add_(db, alpha=alpha * ra * rg)
+            val += ra * rg * sq
+        total += t.scale * val
+    for name, g in ((w_name, grad_w), (b_name, grad_b)):
+        if name is not None and g is not None and g is not named[name].grad:  # a low-precision .grad
+            named[name].grad.add_(g.to(named[name].grad.dtype))  # type: ignore[union-attr]
+    return 0.5 * lam * total
+
+
+def _fp32_grad(p: torch.Tensor) -> torch.Tensor:
+    """Where to accumulate ``p``'s penalty gradient in fp32: ``p.grad`` itself (created as zeros if missing) when
+    it is fp32, else a zero fp32 buffer the caller adds into ``p.grad`` at the end."""
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad if p.grad.dtype == torch.float32 else torch.zeros_like(p.grad, dtype=torch.float32)
 
 
 def curvature_penalty_grad_(
