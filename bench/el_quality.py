@@ -63,6 +63,9 @@ def run_one(
     show_progress: bool,
     limits: dict[str, int | None],
     epochs: int = 1,
+    split: str = "test",
+    scale: float | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -74,11 +77,12 @@ def run_one(
     spec = CONFIGS[config]
     seed = int(recipe.training.get("seed", 0))
     torch.manual_seed(seed)
-    model = DualEncoderModel.from_base(resolve_model_name(recipe.model))
+    model_kwargs = {} if scale is None else {"scale": scale}
+    model = DualEncoderModel.from_base(resolve_model_name(recipe.model), **model_kwargs)
     tokenizer = model.get_tokenizer()
     t0 = time.perf_counter()
     options = {
-        "split": "test",
+        "split": split,
         "num_candidates": int(recipe.task_options.get("num_candidates", 8)),
         "eval_candidates": "both" if full else "default",
         "expand_abbreviations": spec["abbrev"],
@@ -132,6 +136,7 @@ def run_one(
             for k in ("learning_rate", "per_device_train_batch_size", "warmup_steps")
         }
         | {"num_train_epochs": epochs, "seed": seed},
+        "settings": settings_of(epochs, split, scale, overrides),
         "loss_log": log,
         "seconds": {"build": build_s, "train": train_s, "evaluate": eval_s},
     }
@@ -139,16 +144,24 @@ def run_one(
     return record
 
 
+def settings_of(epochs: int, split: str, scale: float | None, overrides: list[str] | None) -> dict[str, Any]:
+    """What, beyond (task, configuration), defines a result: a cached file is reused only when these match."""
+    return {"epochs": epochs, "split": split, "scale": scale, "overrides": sorted(overrides or [])}
+
+
 def fmt(metrics: dict[str, float], key: str) -> str:
     return f"{100 * metrics[key]:.1f}" if key in metrics else "-"
 
 
-def summarize(out: Path, records: list[dict[str, Any]], epochs: int = 1) -> None:
+def summarize(out: Path, records: list[dict[str, Any]], settings: dict[str, Any]) -> None:
     from hf_continual.state import atomic_write_json, atomic_write_text
 
     lines = [
-        f"acc@1 / acc@5 x100 on the whole test split of each task, trained alone ({epochs} epoch"
-        f"{'s' if epochs > 1 else ''}) from the packaged MiniLM.",
+        f"acc@1 / acc@5 x100 on the whole {settings['split']} split of each task, trained alone ({settings['epochs']}"
+        f" epoch{'s' if settings['epochs'] > 1 else ''}) from the packaged MiniLM"
+        + (f"; scale {settings['scale']}" if settings["scale"] is not None else "")
+        + (f"; recipe overrides: {', '.join(settings['overrides'])}" if settings["overrides"] else "")
+        + ".",
         "default = all names of the gold ids of every split + 20,000 sampled names; full = the whole dictionary.",
         "",
         "| task | configuration | default acc@1 | default acc@5 | full acc@1 | full acc@5 | goal (full acc@1) | "
@@ -175,6 +188,7 @@ def summarize(out: Path, records: list[dict[str, Any]], epochs: int = 1) -> None
                 for r in records
             ],
             "goals": GOALS,
+            "settings": settings,
         },
     )
     print("\n".join(lines))
@@ -195,6 +209,21 @@ def main() -> None:
         help="configurations scored on the full MeSH vocabulary for bc5cdr-chemical (about 15 min each)",
     )
     ap.add_argument("--epochs", type=int, default=1, help="training epochs (use another --out per value)")
+    ap.add_argument(
+        "--split", default="test", choices=["test", "dev"], help="evaluated split (dev for searches)"
+    )
+    ap.add_argument(
+        "--scale", type=float, default=None, help="cosine scale of the dual encoder (default: 20)"
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override, e.g. training.learning_rate=2e-4 or task_options.num_candidates=16",
+    )
+    ap.add_argument("--no-full", action="store_true", help="score the default candidate set only (searches)")
     ap.add_argument("--max-train-mentions", type=int, default=None, help="subsample (quick checks only)")
     ap.add_argument("--max-eval-mentions", type=int, default=None, help="subsample (quick checks only)")
     ap.add_argument("--progress", action="store_true", help="show progress bars")
@@ -204,7 +233,9 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from hf_continual.recipe import load_recipe
 
-    recipe = load_recipe(ns.recipe, overrides=[f"data_dir={ns.data_dir}"] if ns.data_dir else [])
+    data_override = [f"data_dir={ns.data_dir}"] if ns.data_dir else []
+    recipe = load_recipe(ns.recipe, overrides=data_override + ns.overrides)
+    settings = settings_of(ns.epochs, ns.split, ns.scale, ns.overrides)
     out = Path(ns.out)
     records = []
     for task_name in ns.tasks:
@@ -212,20 +243,33 @@ def main() -> None:
             out_file = out / task_name / f"{config}.json"
             if out_file.exists():
                 record = json.loads(out_file.read_text())
-                done = record["training_args"]["num_train_epochs"]
-                if record["ingredients"]["train"] and done != ns.epochs:
-                    sys.exit(
-                        f"{out_file} was trained for {done} epoch(s), not {ns.epochs}: use another --out"
-                    )
+                done = record.get("settings") or settings_of(
+                    record["training_args"]["num_train_epochs"], "test", None, []
+                )
+                wanted = settings if record["ingredients"]["train"] else settings | {"epochs": done["epochs"]}
+                if done != wanted:
+                    sys.exit(f"{out_file} was made with {done}, not {wanted}: use another --out")
                 records.append(record)
                 continue
             if ns.only_finished:
                 print(f"missing: {out_file}")
                 continue
             print(f"\n=== {task_name} {config}", flush=True)
-            full = full_wanted(task_name, config, ns.full_chemical)
+            full = not ns.no_full and full_wanted(task_name, config, ns.full_chemical)
             limits = {"max_train_mentions": ns.max_train_mentions, "max_eval_mentions": ns.max_eval_mentions}
-            rec = run_one(task_name, config, recipe, full, out_file, ns.progress, limits, ns.epochs)
+            rec = run_one(
+                task_name,
+                config,
+                recipe,
+                full,
+                out_file,
+                ns.progress,
+                limits,
+                ns.epochs,
+                ns.split,
+                ns.scale,
+                ns.overrides,
+            )
             m = rec["metrics"]
             print(
                 f"--- {task_name} {config}: acc@1 {fmt(m, 'acc@1')} full {fmt(m, 'full/acc@1')} "
@@ -234,7 +278,7 @@ def main() -> None:
             )
             records.append(rec)
     if records:
-        summarize(out, records, ns.epochs)
+        summarize(out, records, settings)
 
 
 if __name__ == "__main__":
