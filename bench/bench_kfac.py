@@ -12,8 +12,10 @@ Sections (all by default, or ``--sections closeness,merge,cost``):
   (``per_task``).
 - ``cost``: packaged MiniLM-L6 (``num_labels=8``), 256 random examples of 32 tokens, batch 32, in units of one
   plain forward+backward pass: the factor pass (expand / reduce, Linear factors only and with the diagonal part),
-  the closed-form penalty per optimizer step relative to a training step (dense and compact forms), and bytes of
-  the factors relative to the model with the compact form's approximation error.
+  the closed-form penalty per optimizer step relative to a training step (dense and compact forms; rank 64 also
+  through the generic matvec path, ``eig_r64_generic``, to show the eigen-form fast path), and bytes of the
+  factors relative to the model with the compact form's approximation error. ``floor_x`` is what any hook-based
+  factor pass must do: the forward with bare hooks and a backward to the Linear outputs, no factor work.
 
 Writes JSON to ``--out`` (default ``bench/results/kfac.json``) and prints a table.
 """
@@ -33,7 +35,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hf_continual.curvature import estimate_fisher  # noqa: E402
-from hf_continual.curvature.kfac import KFACFisher  # noqa: E402
+from hf_continual.curvature.kfac import KFACFisher, curvature_penalty_grad_  # noqa: E402
 
 KEY_LAYERS = r"attention\.self\.key$"
 
@@ -237,6 +239,29 @@ def cost(
     res["unit_fwd_bwd_s"] = unit
     print(f"  unit fwd+bwd: {unit:.2f} s", flush=True)
 
+    def floor():
+        """What every hook-based factor pass must do, with no factor work: the forward with a bare hook on each
+        Linear and one backward to those outputs (no parameter gradients)."""
+        outs: list[torch.Tensor] = []
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        hooks = [m.register_forward_hook(lambda _m, _i, o: outs.append(o)) for m in linears]
+        try:
+            for s in range(0, n, batch):
+                outs.clear()
+                with torch.enable_grad():
+                    logits = model(input_ids=ids[s : s + batch], attention_mask=am[s : s + batch]).logits
+                    loss = nn.functional.cross_entropy(logits, labels[s : s + batch], reduction="sum")
+                    torch.autograd.grad(loss, [o for o in outs if o.requires_grad])
+        finally:
+            for h in hooks:
+                h.remove()
+
+    res["floor_x"] = _timeit(floor, repeat) / unit
+    print(
+        f"  floor (forward + backward to the Linear outputs, no factor work): {res['floor_x']:.2f}x",
+        flush=True,
+    )
+
     passes = {}
     fishers = {}
     variants = [
@@ -314,6 +339,7 @@ def cost(
         "eig_e0.999": lambda: f_red.compress(energy=0.999),
         "eig_e0.99": lambda: f_red.compress(energy=0.99),
         "eig_r64": lambda: f_red.compress(rank=64, energy=None),
+        "eig_r64_generic": lambda: f_red.compress(rank=64, energy=None),
         "eig_r32": lambda: f_red.compress(rank=32, energy=None),
         "eig_r64_bf16": lambda: f_red.compress(rank=64, energy=None, dtype=torch.bfloat16),
         "eig_r64_nores": lambda: f_red.compress(rank=64, energy=None, residual=False),
@@ -326,8 +352,13 @@ def cost(
         f = make()
         fk = KFACFisher(f.layers, None, f.damping, f.cross_task)  # K-FAC part only (all Linear layers)
 
-        def pen(fk=fk):
-            fk.penalty_grad_(model, anchors, 1.0)
+        generic = name.endswith("_generic")
+
+        def pen(fk=fk, generic=generic):
+            if generic:  # the generic path (one matvec), for comparison with the eigen-form fast path
+                curvature_penalty_grad_(fk, model, anchors, 1.0)
+            else:
+                fk.penalty_grad_(model, anchors, 1.0)
 
         pen()
         t = min(_timeit(pen, 1) for _ in range(5))
@@ -377,6 +408,8 @@ def _print(results: dict) -> None:
             f"\n== MiniLM cost (unit = plain fwd+bwd over {c['examples']}x{c['seq_len']} at batch {c['batch']}: "
             f"{c['unit_fwd_bwd_s']:.2f} s; train step {c['train_step_s'] * 1e3:.0f} ms)"
         )
+        if "floor_x" in c:
+            print(f"floor (hooks + backward to Linear outputs, no factor work) {c['floor_x']:5.2f}x")
         for k, v in c["factor_pass_x"].items():
             print(f"factor pass {k:12s} {v:5.2f}x")
         print(f"{'form':18s} {'penalty/step':>12s} {'bytes/model':>12s} {'frob_err':>9s} {'quad_err':>9s}")

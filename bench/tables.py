@@ -62,7 +62,17 @@ def cost_rows(results: Path) -> list[tuple[str, str, str, str]]:
             ("K-FAC factor pass, expand / plain pass", f"{x['expand']:.2f}x", "<= 1.3x", "kfac.json"),
             ("K-FAC factor pass, reduce / plain pass", f"{x['reduce']:.2f}x", "<= 0.8x", "kfac.json"),
         ]
+        if "floor_x" in c:
+            rows.append(
+                (
+                    "K-FAC floor: forward with bare hooks + backward to the Linear outputs / plain pass",
+                    f"{c['floor_x']:.2f}x",
+                    "",
+                    "kfac.json",
+                )
+            )
         for key, label in (
+            ("reduce_key_expand", "reduce with the key layers in expand (default)"),
             ("expand_bf16", "expand, bf16 outer products"),
             ("reduce_bf16", "reduce, bf16 outer products"),
             ("reduce+diag", "reduce + diagonal of the other parameters (what `kfac` runs)"),
@@ -93,6 +103,16 @@ def cost_rows(results: Path) -> list[tuple[str, str, str, str]]:
                 (
                     "K-FAC state, dense fp32 factors / model bytes",
                     f"{dense['factor_x_model']:.2f}x",
+                    "",
+                    "kfac.json",
+                )
+            )
+        generic = forms.get("eig_r64_generic")
+        if generic:
+            rows.append(
+                (
+                    "K-FAC penalty, rank-64 eigen form through the generic matvec / training step",
+                    f"{generic['penalty_x_step']:.3f}",
                     "",
                     "kfac.json",
                 )

@@ -385,8 +385,7 @@ class KFACFisher(Curvature):
         value = 0.0
         generic = []
         for layer in self.layers:
-            eig = all(isinstance(t.A, EigFactor) and isinstance(t.G, EigFactor) for t in layer.terms)
-            if eig and layer.weight in named and layer.weight in anchors:
+            if _low_rank_eig(layer) and layer.weight in named and layer.weight in anchors:
                 value += _eig_layer_penalty_grad_(layer, named, anchors, lam, self.damping)
             else:
                 generic.append(layer)
@@ -650,17 +649,15 @@ def _eig_layer_penalty_grad_(
         if r_b is not None:
             u_b = (c @ qa[n_in] + ra * r_b) * dg
             val += float(torch.dot(r_b, u_b))
+        alpha = lam * t.scale
+        grad_w.addmm_(qg, u_w, alpha=alpha)
+        if grad_b is not None and u_b is not None:
+            grad_b.add_(qg @ u_b, alpha=alpha)
         if rg:
             val += rg * float((p_ * pd).sum())
-            left = torch.cat([qg, rg * pd], dim=1)
-            right_w = torch.cat([u_w, qa_w.T], dim=0)
-        else:
-            left, right_w = qg, u_w
-        alpha = lam * t.scale
-        grad_w.addmm_(left, right_w, alpha=alpha)
-        if grad_b is not None and u_b is not None:
-            right_b = torch.cat([u_b, qa[n_in]]) if rg else u_b
-            grad_b.add_(left @ right_b, alpha=alpha)
+            grad_w.addmm_(pd, qa_w.T, alpha=alpha * rg)
+            if grad_b is not None and u_b is not None:
+                grad_b.add_(pd @ qa[n_in], alpha=alpha * rg)
         if ra and rg:
             sq = float(torch.vdot(dw.reshape(-1), dw.reshape(-1)))
             grad_w.add_(dw, alpha=alpha * ra * rg)
@@ -673,6 +670,18 @@ def _eig_layer_penalty_grad_(
         if name is not None and g is not None and g is not named[name].grad:  # a low-precision .grad
             named[name].grad.add_(g.to(named[name].grad.dtype))  # type: ignore[union-attr]
     return 0.5 * lam * total
+
+
+def _low_rank_eig(layer: KFACLayer) -> bool:
+    """Whether :func:`_eig_layer_penalty_grad_` is the cheaper path: every term in eigen form with
+    ``k_A + k_G <= min(d_A, d_G) / 3`` (its ``k_A k_G (d_A + d_G)`` products outgrow the generic matvec's savings
+    above that; measured on MiniLM's shapes: 0.7-0.9x the generic time at rank 64, 1.0-1.3x from rank 128-192)."""
+    return all(
+        isinstance(t.A, EigFactor)
+        and isinstance(t.G, EigFactor)
+        and 3 * (t.A.rank + t.G.rank) <= min(t.A.dim, t.G.dim)
+        for t in layer.terms
+    )
 
 
 def _fp32_grad(p: torch.Tensor) -> torch.Tensor:
