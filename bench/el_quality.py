@@ -213,7 +213,10 @@ def main() -> None:
         "--split", default="test", choices=["test", "dev"], help="evaluated split (dev for searches)"
     )
     ap.add_argument(
-        "--scale", type=float, default=None, help="cosine scale of the dual encoder (default: 20)"
+        "--scale",
+        type=float,
+        default=None,
+        help="cosine scale of the dual encoder (default: the recipe's, else 20)",
     )
     ap.add_argument(
         "--set",
@@ -235,7 +238,8 @@ def main() -> None:
 
     data_override = [f"data_dir={ns.data_dir}"] if ns.data_dir else []
     recipe = load_recipe(ns.recipe, overrides=data_override + ns.overrides)
-    settings = settings_of(ns.epochs, ns.split, ns.scale, ns.overrides)
+    scale = ns.scale if ns.scale is not None else recipe.scale
+    settings = settings_of(ns.epochs, ns.split, scale, ns.overrides)
     out = Path(ns.out)
     records = []
     for task_name in ns.tasks:
@@ -267,7 +271,7 @@ def main() -> None:
                 limits,
                 ns.epochs,
                 ns.split,
-                ns.scale,
+                scale,
                 ns.overrides,
             )
             m = rec["metrics"]

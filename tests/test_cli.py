@@ -42,6 +42,7 @@ def test_help_documents_every_option(capsys):
             "unknown task_options key(s): max_mentions",
         ),
         ("- just a list\n", "a recipe is a YAML mapping"),
+        ("tasks: [toy]\nscale: -1\n", "'scale' must be a positive number"),
     ],
 )
 def test_bad_recipes_exit_2_with_a_clear_message(tmp_path, capsys, text, message):
@@ -101,3 +102,17 @@ def test_every_shipped_recipe_loads_and_validates(path: Path) -> None:
     gpu = yaml.safe_load(path.read_text()).get("training", {}).get("bf16", False)
     recipe = load_recipe(path, overrides=["bf16=false", "use_cpu=true"] if gpu else [])
     assert recipe.tasks and recipe.config().output_dir
+
+
+def test_recipe_scale_reaches_the_dual_encoder(monkeypatch) -> None:
+    """``scale`` (or ``--set scale=...``) sets the dual encoder's cosine scale; absent, the model default stays."""
+    import hf_continual.tasks.entity_linking as el
+    from hf_continual.recipe import build_stream, load_recipe
+
+    recipe = load_recipe(RECIPES / "el_stream.yaml", overrides=["scale=30", "num_hidden_layers=1"])
+    default = load_recipe(RECIPES / "el_stream.yaml", overrides=["num_hidden_layers=1"])
+    monkeypatch.setattr(el, "build_entity_linking_task", lambda name, *a, **k: name)  # no data needed
+    model, tasks = build_stream(recipe, show_progress=False)
+    assert float(model.scale) == 30.0 and model.config.scale == 30.0 and recipe.resolved()["scale"] == 30.0
+    assert tasks == recipe.tasks
+    assert float(build_stream(default, show_progress=False)[0].scale) == 20.0
