@@ -2,7 +2,8 @@
 
 Reads ``bench/results/{fisher,kfac,fish}.json`` (``bench_fisher.py``, ``bench_kfac.py``, ``bench_fish.py``) and
 ``bench/results/forgetting/summary.md`` (``forgetting.py``) and ``bench/results/el_quality/summary.md``
-(``el_quality.py``); writes ``bench/results/tables.md``. A missing input
+(``el_quality.py``; also every ``el_quality_*/`` and ``el_search/*/`` summary: other epochs, scales and the dev
+searches); writes ``bench/results/tables.md``. A missing input
 is named in the output instead of a number. ``make bench`` runs every bench and then this script, so the
 README's tables can be copied from one file whose numbers all come from result files.
 
@@ -167,6 +168,9 @@ def render(results: Path) -> str:
     lines += ["", "## Entity-linking quality per task alone (ablation)", ""]
     quality = results / "el_quality" / "summary.md"
     lines.append(quality.read_text().rstrip() if quality.is_file() else "missing: run bench/el_quality.py")
+    others = sorted(results.glob("el_quality_*/summary.md")) + sorted(results.glob("el_search/*/summary.md"))
+    for other in others:  # other epochs, scales, dev searches (the first line of each states its settings)
+        lines += ["", f"### `{other.parent.relative_to(results)}`", "", other.read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 
