@@ -92,13 +92,27 @@ class DenseFactor:
         return self.mat.numel() * self.mat.element_size()
 
 
+def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 class EigFactor:
     """``F ~ Q diag(lam) Q^T + rho (I - Q Q^T)``: top-k eigenpairs plus an isotropic residual ``rho``."""
 
     form = "eig"
 
     def __init__(self, q: torch.Tensor, lam: torch.Tensor, rho: torch.Tensor) -> None:
-        self.q, self.lam, self.rho = q, lam, rho
+        # canonical row-major strides: a rank-1 ``q`` sliced from ``eigh``'s column-major output is "contiguous"
+        # with strides (1, d), while the same tensor read back from a checkpoint has (1, 1); BLAS then takes
+        # another kernel and the penalty of a reloaded state would differ in the last bits
+        self.q = (
+            q if q.stride() == _row_major_strides(q.shape) else q.clone(memory_format=torch.contiguous_format)
+        )
+        self.lam, self.rho = lam, rho
 
     @property
     def dim(self) -> int:
