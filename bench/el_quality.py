@@ -84,6 +84,8 @@ def run_one(
     options = {
         "split": split,
         "num_candidates": int(recipe.task_options.get("num_candidates", 8)),
+        "augment_short_forms": bool(recipe.task_options.get("augment_short_forms", False))
+        and spec["augment"],
         "eval_candidates": "both" if full else "default",
         "expand_abbreviations": spec["abbrev"],
         "augment_dictionary": spec["augment"],

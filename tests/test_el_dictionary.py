@@ -118,3 +118,24 @@ def test_augmented_adds_training_names_to_known_ids_only() -> None:
     assert set(aug.names_of("MESH:D001943")) == {"breast cancer", "breast carcinoma", "bc"}
     assert aug.name_ids[aug.name_index["bc"]] == ("MESH:D001943",)
     assert "MESH:D999999" not in aug and len(base) == 2  # the original is unchanged
+
+
+def test_training_name_pairs_add_unambiguous_short_forms_only() -> None:
+    """Augmentation adds every training query and the short form of an expanded mention, unless that short form
+    carries several id sets in the training split (then it would make one name mean several concepts)."""
+    from datasets import Dataset
+
+    from hf_continual.tasks.entity_linking.tasks import training_name_pairs
+
+    train = Dataset.from_dict(
+        {
+            "mention": ["CsA", "cyclosporin A", "T", "T", "CsA"],
+            "query": ["cyclosporin A", "cyclosporin A", "testosterone", "triamcinolone", "CsA"],
+            "ids": [["D016572"], ["D016572"], ["D013739"], ["D014221"], ["D016572"]],
+        }
+    )
+    queries = [(q, ids) for q, ids in zip(train["query"], train["ids"])]
+    assert training_name_pairs(train) == (queries, 0)  # off by default
+    pairs, short = training_name_pairs(train, short_forms=True)
+    assert pairs[:5] == queries
+    assert pairs[5:] == [("CsA", ["D016572"])] and short == 1  # "T" has two senses: left out

@@ -154,6 +154,32 @@ class EntityLinkingTask:
         return self.evaluator.evaluate_tfidf()
 
 
+def training_name_pairs(train: Dataset, short_forms: bool = False) -> tuple[list[tuple[str, list[str]]], int]:
+    """(name, gold ids) pairs that dictionary augmentation adds: every training query, plus (``short_forms``) the
+    short form of every expanded training mention whose short form carries a single id set across the training
+    split.
+
+    A short form defined in its own document is linked through its long form, so the query alone would never put
+    "CsA" in the dictionary; the same short form used undefined in another document (dev or test) then has no
+    name to match. Short forms seen with different ids in training ("T": testosterone, triamcinolone) are left
+    out. Returns the pairs and the number of short-form pairs among them.
+    """
+    from .dictionary import normalize_name
+
+    senses: dict[str, set[tuple[str, ...]]] = {}
+    for mention, ids in zip(train["mention"], train["ids"]):
+        senses.setdefault(normalize_name(mention), set()).add(tuple(sorted(ids)))
+    pairs = [(q, list(ids)) for q, ids in zip(train["query"], train["ids"])]
+    if not short_forms:
+        return pairs, 0
+    short = [
+        (m, list(ids))
+        for m, q, ids in zip(train["mention"], train["query"], train["ids"])
+        if q != m and len(senses[normalize_name(m)]) == 1
+    ]
+    return pairs + short, len(short)
+
+
 def build_entity_linking_task(
     name: str,
     data_dir: str | Path | None,
@@ -172,6 +198,7 @@ def build_entity_linking_task(
     show_progress: bool = True,
     candidate_gold: Literal["all_splits", "evaluated"] = "all_splits",
     augment_dictionary: bool = False,
+    augment_short_forms: bool = False,
     remine_every_steps: float | None = None,
     remine_dense_negatives: int | None = None,
     remine_random_pool: int = 5000,
@@ -186,7 +213,8 @@ def build_entity_linking_task(
     With ``expand_abbreviations`` a mention that is a short form defined in its document is replaced by
     the long form, for training and evaluation alike. With ``augment_dictionary`` the searched candidate set
     also holds the texts of the training mentions (the sampled ones this task trains on; never dev or test
-    mentions) as names of their gold ids; the hard negatives are still mined from the dictionary alone.
+    mentions) as names of their gold ids (with ``augment_short_forms``, also the unambiguous short forms of the
+    expanded ones: :func:`training_name_pairs`); the hard negatives are still mined from the dictionary alone.
     ``eval_candidates="both"`` reports the default set's metrics and the full dictionary's under ``full/``.
 
     With ``remine_every_steps`` (optimizer steps, or a fraction of an epoch below 1) the task carries a
@@ -275,17 +303,16 @@ def build_entity_linking_task(
         )
 
     def with_training_names(names: Dictionary) -> tuple[Dictionary, dict[str, int]]:
-        train = splits["train"]
-        return names.augmented(
-            zip(train["query"], train["ids"]), source=f"{names.source} + training mention names"
-        )
+        pairs, short_forms = training_name_pairs(splits["train"], augment_short_forms)
+        out, counts = names.augmented(pairs, source=f"{names.source} + training mention names")
+        return out, counts | {"short_forms": short_forms}
 
     if augment_dictionary:
         candidates, counts = with_training_names(candidates)
         stats["dictionary_augmentation"] = counts
         description += (
-            f"; augmented with {counts['added']} training mention names ({counts['new_names']} new names, "
-            f"{len(candidates)} names in all)"
+            f"; augmented with {counts['added']} training mention names (of which {counts['short_forms']} short "
+            f"forms of expanded abbreviations; {counts['new_names']} new names, {len(candidates)} names in all)"
         )
     stats["candidate_set"] = description
     stats["expand_abbreviations"] = expand_abbreviations
