@@ -311,8 +311,13 @@ def build_entity_linking_task(
         candidates, counts = with_training_names(candidates)
         stats["dictionary_augmentation"] = counts
         description += (
-            f"; augmented with {counts['added']} training mention names (of which {counts['short_forms']} short "
-            f"forms of expanded abbreviations; {counts['new_names']} new names, {len(candidates)} names in all)"
+            f"; augmented with {counts['added']} training mention names ("
+            + (
+                f"of which {counts['short_forms']} short forms of expanded abbreviations; "
+                if augment_short_forms
+                else ""
+            )
+            + f"{counts['new_names']} new names, {len(candidates)} names in all)"
         )
     stats["candidate_set"] = description
     stats["expand_abbreviations"] = expand_abbreviations
