@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_fish.py
 	$(PY) bench/untouched_el.py --data-dir $(DATA)
 	$(PY) bench/forgetting.py --data-dir $(DATA)
+	$(PY) bench/clip_check.py --data-dir $(DATA)
 	$(PY) bench/el_quality.py --data-dir $(DATA)
 	$(PY) bench/tables.py
 

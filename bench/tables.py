@@ -165,6 +165,14 @@ def render(results: Path) -> str:
     lines += ["", "## Forgetting on NCBI-disease -> BC5CDR-disease -> BC5CDR-chemical", ""]
     summary = results / "forgetting" / "summary.md"
     lines.append(summary.read_text().rstrip() if summary.is_file() else "missing: run bench/forgetting.py")
+    clip = results / "clip_check" / "summary.md"
+    if clip.is_file():
+        lines += [
+            "",
+            "### Gradient clipping and the penalty (`bench/clip_check.py`)",
+            "",
+            clip.read_text().rstrip(),
+        ]
     lines += ["", "## Entity-linking quality per task alone (ablation)", ""]
     quality = results / "el_quality" / "summary.md"
     lines.append(quality.read_text().rstrip() if quality.is_file() else "missing: run bench/el_quality.py")

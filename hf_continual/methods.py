@@ -5,9 +5,9 @@ A method plugs into :class:`~hf_continual.trainer.ContinualTrainer` at six point
 * ``prepare_train_dataset`` - what the Trainer trains on for the new task (replay / joint mix in old data);
 * ``on_task_begin``         - before the first step of a task (e.g. FISH builds its mask);
 * ``configure_optimizer``   - the task's fresh optimizer, before its LR schedule exists (FISH regroups it);
-* ``apply_gradients``       - once per optimizer step, after gradient accumulation and all-reduce and before
-  clipping and ``optimizer.step()``: adds the penalty gradient ``lambda * F delta`` in closed form and returns
-  the penalty value for logging;
+* ``apply_gradients``       - once per optimizer step, after gradient accumulation, all-reduce and clipping
+  (the penalty gradient is not clipped), right before ``optimizer.step()``: adds the penalty gradient
+  ``lambda * F delta`` in closed form and returns the penalty value for logging;
 * ``after_optimizer_step``  - right after ``optimizer.step()`` (e.g. FISH restores frozen entries when the
   optimizer could not be regrouped);
 * ``end_task``              - task boundary: consolidate (Fisher, factors, anchors, replay buffer).

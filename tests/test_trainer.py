@@ -6,7 +6,7 @@ import torch
 from transformers import Trainer
 
 from hf_continual import ContinualConfig, ContinualTrainer
-from hf_continual.toy import tiny_bert, toy_stream
+from hf_continual.toy import tiny_bert, toy_config, toy_stream
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from common import GLOBAL_BATCH, one_step_params  # noqa: E402
@@ -77,3 +77,48 @@ def test_end_task_without_dataset_is_an_error(tmp_path):
     trainer = ContinualTrainer(model=tiny_bert(), args=args)
     with pytest.raises(ValueError, match="train_dataset"):
         trainer.end_task()
+
+
+def test_penalty_gradient_is_added_after_clipping(tmp_path):
+    """The task gradient is clipped to max_grad_norm; the closed-form penalty gradient is added afterwards, whole."""
+    from transformers import TrainerCallback
+
+    tasks = toy_stream(n_train=64, n_eval=16)
+    max_norm = 1e-3
+    args = toy_config(
+        str(tmp_path / "run"),
+        "ewc",
+        continual_lambda=1e6,
+        max_grad_norm=max_norm,
+        num_train_epochs=1,
+        per_device_train_batch_size=16,
+        learning_rate=1e-2,
+        fisher_num_samples=32,
+    )
+    trainer = ContinualTrainer(model=tiny_bert(0), args=args, train_dataset=tasks[0].train_dataset)
+    trainer.train()
+    trainer.end_task(task_name="a")
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            params = dict(trainer.model.named_parameters())
+            total = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+            for p in params.values():
+                p.grad = None
+            trainer.method.apply_gradients(trainer.model)  # the penalty gradient alone, at these weights
+            penalty = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+            for n, p in params.items():
+                p.grad = total.get(n)
+            task = [total[n] - penalty.get(n, 0) for n in total]
+            seen.append((torch.linalg.vector_norm(torch.stack([t.norm() for t in task])), penalty))
+
+    trainer.add_callback(Probe())
+    trainer.train_dataset = tasks[1].train_dataset
+    trainer.train()
+    assert len(seen) == 4
+    for task_norm, penalty in seen:
+        pen_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in penalty.values()]))
+        # the task gradient was clipped (up to the rounding of total - penalty)
+        assert task_norm <= max_norm * 1.001 + 1e-6 * pen_norm, (task_norm, pen_norm)
+    assert pen_norm > 100 * max_norm  # the penalty gradient was added after clipping, unscaled
