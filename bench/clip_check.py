@@ -4,7 +4,7 @@ Until 2026-12-02 the penalty gradient was added before the Trainer clipped the g
 (default 1.0), so a large penalty gradient shrank every step by a distance-dependent factor. The search of the
 forgetting bench (penalty clipped) found dev forgetting INCREASING with lambda (K-FAC: 1.12 / 1.87 / 2.50 points at
 1e3 / 1e4 / 1e5, none: 0.50). The penalty is now added after clipping. This script runs, with the current code:
-K-FAC at lambda 1e5 and 1e4 (task gradient clipped, penalty not), and K-FAC 1e5 and plain fine-tuning without any
+K-FAC at lambda 1e4 to 1e7 (task gradient clipped, penalty not), and K-FAC 1e5 and plain fine-tuning without any
 clipping (``max_grad_norm=0``). It writes ``OUT/runs/dev/<name>/seed0/results.json`` (cached like the forgetting
 bench) and ``OUT/summary.md``.
 
@@ -24,9 +24,45 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RUNS = {
     "kfac1e5_penalty_after_clip": {"continual_method": "kfac", "continual_lambda": 1e5},
     "kfac1e4_penalty_after_clip": {"continual_method": "kfac", "continual_lambda": 1e4},
+    "kfac1e6_penalty_after_clip": {"continual_method": "kfac", "continual_lambda": 1e6},
+    "kfac1e7_penalty_after_clip": {"continual_method": "kfac", "continual_lambda": 1e7},
     "kfac1e5_noclip": {"continual_method": "kfac", "continual_lambda": 1e5, "max_grad_norm": 0.0},
     "none_noclip": {"continual_method": "none", "max_grad_norm": 0.0},
 }
+
+
+TOY = [("none", 0.0), ("ewc", 1e4), ("ewc", 1e6), ("ewc", 1e8), ("kfac", 1e5), ("kfac", 1e7), ("kfac", 1e9)]
+
+
+def toy_lines(out: Path) -> list[str]:
+    """The same question on the synthetic toy stream (seconds per run): forgetting against lambda."""
+    import shutil
+    import tempfile
+
+    from hf_continual.state import atomic_write_json
+    from hf_continual.stream import run_stream
+    from hf_continual.toy import tiny_bert, toy_config, toy_stream
+
+    scratch = Path(tempfile.mkdtemp(prefix="clip_check-toy-"))
+    rows = []
+    for method, lam in TOY:
+        kw = {} if method == "none" else {"continual_lambda": lam}
+        args = toy_config(
+            str(scratch / f"{method}-{lam:g}"),
+            method,
+            logging_strategy="no",
+            fisher_batch_size=32,
+            fisher_num_samples=256,
+            **kw,
+        )
+        metrics = run_stream(tiny_bert(0), toy_stream(), args).metrics
+        rows.append({"method": method, "lambda": lam, **metrics})
+    shutil.rmtree(scratch, ignore_errors=True)
+    atomic_write_json(out / "toy.json", rows)
+    lines = ["", "Toy stream (hf_continual.toy, 3 tasks, tiny BERT, seed 0):", ""]
+    lines += ["| method | lambda | ACC | forgetting |", "|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['lambda']:g} | {r['acc']:.3f} | {r['forgetting']:.3f} |" for r in rows]
+    return lines
 
 
 def main() -> None:
@@ -60,6 +96,7 @@ def main() -> None:
             f"| {name} | {settings} | {100 * m['acc']:.2f} | {100 * m['bwt']:.2f} | "
             f"{100 * m['forgetting']:.2f} | {col} |"
         )
+    lines += toy_lines(Path(ns.out))
     atomic_write_text(Path(ns.out) / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
