@@ -54,7 +54,6 @@ class ContinualTrainer(Trainer):
         self.method: ContinualMethod = build_method(args)
         self._refuse_sharded_training()
         self.add_callback(_AfterOptimizerStep(self))
-        self._penalty_step = -1
         self._penalty_sum = 0.0
         self._penalty_count = 0
 
@@ -86,7 +85,6 @@ class ContinualTrainer(Trainer):
             enable_full_determinism(task_seed) if self.args.full_determinism else set_seed(task_seed)
         task_dataset = self.train_dataset
         self.train_dataset = self.method.prepare_train_dataset(task_dataset)
-        self._penalty_step = -1
         try:
             self.method.on_task_begin(self, task_dataset)
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -114,28 +112,21 @@ class ContinualTrainer(Trainer):
             self.method.configure_optimizer(self.optimizer)
         return optimizer
 
-    # ---- one place per optimizer step where the penalty gradient is added ----------------------------------
-    def _apply_continual_gradients(self) -> None:
-        if self._penalty_step == self.state.global_step:
-            return
-        self._penalty_step = self.state.global_step
+    # ---- the one place per optimizer step where the penalty gradient is added ------------------------------
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Called once per optimizer step after accumulation, all-reduce and (when on) clipping, right before
+        ``optimizer.step()``: the penalty gradient is added here, so ``max_grad_norm`` clips the task gradient
+        only and the logged ``grad_norm`` is the task gradient's.
+
+        With the penalty added before clipping, a penalty gradient above ``max_grad_norm`` made the clip rescale
+        every step by a distance-dependent factor; measured on the dev stream (K-FAC, lambda 1e5): forgetting
+        2.50 points that way, 0.50 this way (``bench/clip_check.py``).
+        """
+        out = super()._get_grad_norm(model, grad_norm=grad_norm)
         value = self.method.apply_gradients(self.model)
         if value is not None:
             self._penalty_sum += float(value)
             self._penalty_count += 1
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        """Called once per optimizer step after accumulation, all-reduce and (when on) clipping, right before
-        ``optimizer.step()``: the penalty gradient is added here, so it is never clipped.
-
-        Clipping the sum instead (penalty first) breaks the penalty: its gradient grows with the distance to the
-        anchor, and once it exceeds ``max_grad_norm`` the clip rescales every step by a factor that varies with that
-        distance, which AdamW's moment estimates turn into a weaker, lagging pull. Measured on the dev stream
-        (K-FAC, lambda 1e5): forgetting 2.50 points with the penalty clipped, 0.50 unclipped (bench/README).
-        The logged ``grad_norm`` is the task gradient's.
-        """
-        out = super()._get_grad_norm(model, grad_norm=grad_norm)
-        self._apply_continual_gradients()
         return out
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

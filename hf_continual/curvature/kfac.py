@@ -626,7 +626,7 @@ def _eig_layer_penalty_grad_(
         G' X A' = Q_G U + r_G (P D_A) Q_A^T + r_A r_G X,   U = D_G (Q_G^T P D_A Q_A^T + r_A R)
         <X, G' X A'> = <R, U> + r_G <P, P D_A> + r_A r_G |X|^2
 
-    The weight gradient is then ONE ``addmm_`` of ``[Q_G | r_G P D_A] @ [U; Q_A^T]`` straight into ``p.grad`` plus
+    The weight gradient is then two ``addmm_`` (``Q_G U`` and ``r_G (P D_A) Q_A^T``) straight into ``p.grad`` plus
     ``r_A r_G X``: no ``[out, in]`` temporary besides ``X`` itself, and the value comes from the small ``[k, in]``
     and ``[out, k]`` products (a generic ``matvec`` makes about twice the full-size memory passes).
     """

@@ -166,12 +166,12 @@ def training_name_pairs(train: Dataset, short_forms: bool = False) -> tuple[list
     """
     from .dictionary import normalize_name
 
-    senses: dict[str, set[tuple[str, ...]]] = {}
-    for mention, ids in zip(train["mention"], train["ids"]):
-        senses.setdefault(normalize_name(mention), set()).add(tuple(sorted(ids)))
     pairs = [(q, list(ids)) for q, ids in zip(train["query"], train["ids"])]
     if not short_forms:
         return pairs, 0
+    senses: dict[str, set[tuple[str, ...]]] = {}
+    for mention, ids in zip(train["mention"], train["ids"]):
+        senses.setdefault(normalize_name(mention), set()).add(tuple(sorted(ids)))
     short = [
         (m, list(ids))
         for m, q, ids in zip(train["mention"], train["query"], train["ids"])
