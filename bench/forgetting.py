@@ -1,8 +1,9 @@
 """Forgetting on the real medical stream for every method: hyper-parameter search on dev, seeds on test.
 
 Stream: NCBI-disease -> BC5CDR-disease -> BC5CDR-chemical on the packaged all-MiniLM-L6-v2 (dual encoder),
-with the budget of ``--recipe`` (default ``recipes/el_stream.yaml``: subsets and epochs that fit a 2-core CPU;
-``recipes/el_stream_full.yaml`` is the full-budget configuration for a GPU). All runs share one process, so the
+with the budget of ``--recipe`` (default ``recipes/el_stream_forgetting.yaml``: subsets and epochs that fit a
+2-core CPU, at a learning rate where plain fine-tuning forgets measurably; ``recipes/el_stream_full.yaml`` is the
+full-budget configuration for a GPU). All runs share one process, so the
 tasks (dictionaries, TF-IDF negatives) are built once per split and the untouched model is encoded once.
 
 1. Search, dev splits only, seed 0: ``continual_lambda`` for ewc and kfac, ``fish_keep_ratio`` for fish; the
@@ -13,7 +14,7 @@ tasks (dictionaries, TF-IDF negatives) are built once per split and the untouche
    training and evaluation mentions are the same in every run.
 
 Every run writes ``OUT/runs/<split>/<method>/seed<k>/results.json`` (+ heatmap and table); a run whose
-results.json exists is not repeated, and an interrupted run resumes from its last finished task. At the end
+results.json exists with the same settings and budget is not repeated (other settings: it is run again), and an interrupted run resumes from its last finished task. At the end
 ``OUT/summary.json`` and ``OUT/summary.md`` hold the search table and the forgetting table (mean and sample
 standard deviation over seeds) and ``OUT/heatmap_<method>.png`` the seed-mean accuracy matrices;
 ``bench/tables.py`` (run by ``make bench`` after every bench) puts this table beside the cost table of the
@@ -25,6 +26,7 @@ Usage: ``HF_HUB_OFFLINE=1 python bench/forgetting.py [--data-dir ../shared/data]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -62,6 +64,17 @@ def method_overrides(method: str, chosen: dict[str, dict[str, Any]]) -> dict[str
     if method == "kfac_per_task":  # the other cross-task mode of K-FAC (default: merged), same lambda
         return {"continual_method": "kfac", "kfac_cross_task": "per_task", **chosen.get("kfac", {})}
     return {"continual_method": method, **chosen.get(method, {})}
+
+
+def _budget_of(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a resolved recipe that change what a run measures, JSON-normalised so a recipe read back from
+    results.json compares equal to the live one. Not the name, paths, or the recipe's own method and lambda: every
+    bench run sets its method, and its lambda wherever the method has a penalty, in its overrides."""
+    keys = ("model", "num_hidden_layers", "scale", "tasks", "task_options", "training")
+    out = json.loads(json.dumps({k: resolved.get(k) for k in keys}, default=str))
+    for k in ("continual_method", "continual_lambda"):
+        (out.get("training") or {}).pop(k, None)
+    return out
 
 
 class Bench:
@@ -105,10 +118,12 @@ class Bench:
         run_dir = self.out / "runs" / split / name / f"seed{seed}"
         if (run_dir / RESULTS_FILE).exists():
             cached = load_results(run_dir / RESULTS_FILE)
-            if cached["extra"]["bench"]["overrides"] == overrides:
+            same_budget = _budget_of(cached["extra"].get("recipe", {})) == _budget_of(self.recipe.resolved())
+            if cached["extra"]["bench"]["overrides"] == overrides and same_budget:
                 return cached
-            # the search chose other settings since this run: it measured something else
-            print(f"stale run {run_dir} ({cached['extra']['bench']['overrides']}): running again")
+            # the search chose other settings, or the recipe changed, since this run: it measured something else
+            why = cached["extra"]["bench"]["overrides"] if same_budget else "another recipe budget"
+            print(f"stale run {run_dir} ({why}): running again")
             if self.only_finished:
                 self.missing.append(f"{split}/{name}/seed{seed} (stale settings)")
                 return None
@@ -219,7 +234,7 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default="recipes/el_stream.yaml")
+    ap.add_argument("--recipe", default="recipes/el_stream_forgetting.yaml")
     ap.add_argument("--data-dir", default=None, help="corpora directory (default: the recipe's)")
     ap.add_argument("--out", default="bench/results/forgetting")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
