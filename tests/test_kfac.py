@@ -576,3 +576,35 @@ def test_distributed_two_processes_match_one(tmp_path, torchrun) -> None:
                 assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-9), layer.module
             for n in one.diagonal.param_names:
                 assert torch.allclose(one.diagonal[n], two.diagonal[n], rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("pending_rows", [5, 10_000])
+def test_reduce_rows_deferred_into_stacked_products(monkeypatch, pending_rows: int) -> None:
+    """Reduce-mode rows are buffered across batches and multiplied out in one product (flushed when PENDING_ROWS
+    rows wait, and the rest at sums()/detach()): the factors equal the product-per-batch ones, and the reduce
+    factors equal the hand formula mean_n a_bar_n a_bar_n^T (a_n = token mean) and mean_n g_n g_n^T."""
+    import hf_continual.curvature.kfac as kfac_mod
+
+    torch.manual_seed(7)
+    model = TokenMLP()
+    batches = [
+        {"x": torch.randn(3, 4, 5), "labels": torch.randint(0, 3, (3,)), "attention_mask": torch.ones(3, 4)}
+        for _ in range(5)  # 15 rows: flushed at 6 and 12, three left for sums()
+    ]
+    for b in batches:
+        b["attention_mask"][0, 2:] = 0
+    monkeypatch.setattr(kfac_mod, "PENDING_ROWS", 1)
+    ref = run_collector(model, batches, "reduce", diagonal=False)
+    monkeypatch.setattr(kfac_mod, "PENDING_ROWS", pending_rows)
+    got = run_collector(model, batches, "reduce", diagonal=False)
+    for layer in ref.layers:
+        for r, g in zip(ref.factors(layer.module), got.factors(layer.module)):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    # hand formula for fc1's A: token-mean inputs with the bias column
+    rows = []
+    for b in batches:
+        m = b["attention_mask"][..., None]
+        a = (b["x"] * m).sum(1) / m.sum(1)
+        rows.append(torch.cat([a, torch.ones(a.shape[0], 1)], 1))
+    a_all = torch.cat(rows)
+    torch.testing.assert_close(got.factors("fc1")[0], a_all.T @ a_all / a_all.shape[0], rtol=1e-5, atol=1e-6)
