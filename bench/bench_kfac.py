@@ -380,8 +380,8 @@ def cost(
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
 
-    f_red = fishers["reduce"]
-    f_exp = fishers["expand"]
+    f_red = fishers.get("reduce")
+    f_exp = fishers.get("expand")
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     res["model_bytes"] = model_bytes
     forms = {  # built one at a time (memory)
@@ -399,6 +399,8 @@ def cost(
     }
     table = {}
     for name, make in forms.items():
+        if (f_exp if name.startswith("expand") else f_red) is None:
+            continue  # --passes left out the factor pass this form is built from
         f = make()
         fk = KFACFisher(f.layers, None, f.damping, f.cross_task)  # K-FAC part only (all Linear layers)
 
@@ -424,10 +426,12 @@ def cost(
         }
         print(f"  form {name}: {table[name]}", flush=True)
     res["forms"] = table
-    diag_numel = sum(p.numel() for n, p in model.named_parameters() if n not in set(f_red.param_names))
-    res["diagonal_part_bytes"] = 4 * diag_numel  # fp32 diagonal of every non-Linear parameter
-    res["diagonal_part_x_model"] = res["diagonal_part_bytes"] / model_bytes
-    res["num_linear_layers"] = len(f_red.layers)
+    f_any = f_red or f_exp
+    if f_any is not None:
+        diag_numel = sum(p.numel() for n, p in model.named_parameters() if n not in set(f_any.param_names))
+        res["diagonal_part_bytes"] = 4 * diag_numel  # fp32 diagonal of every non-Linear parameter
+        res["diagonal_part_x_model"] = res["diagonal_part_bytes"] / model_bytes
+        res["num_linear_layers"] = len(f_any.layers)
     return res
 
 
