@@ -3,8 +3,8 @@
 Stream: NCBI-disease -> BC5CDR-disease -> BC5CDR-chemical on the packaged all-MiniLM-L6-v2 (dual encoder),
 with the budget of ``--recipe`` (default ``recipes/el_stream_forgetting.yaml``: subsets and epochs that fit a
 2-core CPU, at a learning rate where plain fine-tuning forgets measurably; ``recipes/el_stream_full.yaml`` is the
-full-budget configuration for a GPU). All runs share one process, so the
-tasks (dictionaries, TF-IDF negatives) are built once per split and the untouched model is encoded once.
+full-budget configuration for a GPU). All runs share one process, so the tasks (dictionaries, TF-IDF negatives)
+are built once per split and the untouched model is encoded once.
 
 1. Search, dev splits only, seed 0: ``continual_lambda`` for ewc and kfac, ``fish_keep_ratio`` for fish; the
    value with the highest dev ACC (mean final acc@1 over the tasks) is kept. online_ewc uses ewc's lambda;
@@ -14,8 +14,8 @@ tasks (dictionaries, TF-IDF negatives) are built once per split and the untouche
    training and evaluation mentions are the same in every run.
 
 Every run writes ``OUT/runs/<split>/<method>/seed<k>/results.json`` (+ heatmap and table); a run whose
-results.json exists with the same settings and budget is not repeated (other settings: it is run again), and an interrupted run resumes from its last finished task. At the end
-``OUT/summary.json`` and ``OUT/summary.md`` hold the search table and the forgetting table (mean and sample
+results.json exists with the same settings and recipe budget is not repeated (with others it is run again), and
+an interrupted run resumes from its last finished task. At the end ``OUT/summary.json`` and ``OUT/summary.md`` hold the search table and the forgetting table (mean and sample
 standard deviation over seeds) and ``OUT/heatmap_<method>.png`` the seed-mean accuracy matrices;
 ``bench/tables.py`` (run by ``make bench`` after every bench) puts this table beside the cost table of the
 other benches in ``bench/results/tables.md``.

@@ -581,8 +581,8 @@ def test_distributed_two_processes_match_one(tmp_path, torchrun) -> None:
 @pytest.mark.parametrize("pending_rows", [5, 10_000])
 def test_reduce_rows_deferred_into_stacked_products(monkeypatch, pending_rows: int) -> None:
     """Reduce-mode rows are buffered across batches and multiplied out in one product (flushed when PENDING_ROWS
-    rows wait, and the rest at sums()/detach()): the factors equal the product-per-batch ones, and the reduce
-    factors equal the hand formula mean_n a_bar_n a_bar_n^T (a_n = token mean) and mean_n g_n g_n^T."""
+    rows wait, and the rest at sums()/detach()): every factor equals the product-per-batch one, and fc1's A equals
+    the hand formula mean_n a_bar_n a_bar_n^T (a_n = masked token mean of example n, bias column appended)."""
     import hf_continual.curvature.kfac as kfac_mod
 
     torch.manual_seed(7)
