@@ -15,8 +15,9 @@ are built once per split and the untouched model is encoded once.
 
 Every run writes ``OUT/runs/<split>/<method>/seed<k>/results.json`` (+ heatmap and table); a run whose
 results.json exists with the same settings and recipe budget is not repeated (with others it is run again), and
-an interrupted run resumes from its last finished task. At the end ``OUT/summary.json`` and ``OUT/summary.md`` hold the search table and the forgetting table (mean and sample
-standard deviation over seeds) and ``OUT/heatmap_<method>.png`` the seed-mean accuracy matrices;
+an interrupted run resumes from its last finished task. At the end ``OUT/summary.json`` and ``OUT/summary.md``
+hold the search table and the forgetting table (mean and sample standard deviation over seeds) and
+``OUT/heatmap_<method>.png`` the seed-mean accuracy matrices;
 ``bench/tables.py`` (run by ``make bench`` after every bench) puts this table beside the cost table of the
 other benches in ``bench/results/tables.md``.
 
