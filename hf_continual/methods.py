@@ -84,6 +84,15 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def fp32_copy(p: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``p`` in at least fp32 (bf16/fp16 -> fp32, fp64 stays fp64), on ``p``'s device.
+
+    Anchors and curvature are kept in fp32 whatever the model's dtype: the penalty is a small difference
+    ``theta - theta*`` that bf16 (8 bits of mantissa) would round away.
+    """
+    return p.detach().to(dtype=torch.promote_types(p.dtype, torch.float32), copy=True)
+
+
 class ContinualMethod:
     """Plain sequential fine-tuning; the base class of every method (all hooks are no-ops)."""
 
@@ -204,7 +213,7 @@ class PenaltyMethod(ContinualMethod):
     def end_task(self, trainer: ContinualTrainer, train_dataset: Any, task_name: str) -> None:
         super().end_task(trainer, train_dataset, task_name)
         curvature = self.estimate(trainer, train_dataset)
-        anchor = {n: p.detach().clone() for n, p in trainable_parameters(trainer.model).items()}
+        anchor = {n: fp32_copy(p) for n, p in trainable_parameters(trainer.model).items()}
         self.consolidate(anchor, curvature)
 
     @torch.no_grad()

@@ -24,6 +24,27 @@ class _AfterOptimizerStep(TrainerCallback):
         self.trainer.method.after_optimizer_step(self.trainer.model)
 
 
+def refuse_sharded_training(method: str, args: Any, distributed_type: Any) -> None:
+    """Raise for a curvature or mask method under sharded training (FSDP / DeepSpeed ZeRO).
+
+    The Fisher, K-FAC factors and masks are per whole parameter tensor: estimating them on shards would be
+    silently wrong. ``args`` is the ``TrainingArguments`` (its ``fsdp`` / ``deepspeed`` fields are read),
+    ``distributed_type`` the accelerator's ``DistributedType``.
+    """
+    from accelerate.utils import DistributedType
+
+    if method in ("none", "replay", "joint"):
+        return
+    sharded = distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None) or sharded:
+        raise ValueError(
+            f"continual_method={method!r} does not support sharded training (FSDP / DeepSpeed "
+            "ZeRO): the Fisher, K-FAC factors and masks need whole parameter tensors on every process. "
+            "Supported: one process, or DDP over several GPUs/nodes/CPU processes (accelerate MULTI_GPU, "
+            "torchrun)."
+        )
+
+
 class ContinualTrainer(Trainer):
     """``Trainer`` with task boundaries and a continual method (see :mod:`hf_continual.methods`).
 
@@ -58,20 +79,7 @@ class ContinualTrainer(Trainer):
         self._penalty_count = 0
 
     def _refuse_sharded_training(self) -> None:
-        """Curvature and masks are per full parameter tensor: refuse FSDP / DeepSpeed ZeRO instead of
-        silently estimating on shards."""
-        from accelerate.utils import DistributedType
-
-        if self.method.name in ("none", "replay", "joint"):
-            return
-        kind = self.accelerator.distributed_type
-        if self.args.fsdp or self.args.deepspeed or kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise ValueError(
-                f"continual_method={self.method.name!r} does not support sharded training (FSDP / DeepSpeed "
-                "ZeRO): the Fisher, K-FAC factors and masks need whole parameter tensors on every process. "
-                "Supported: one process, or DDP over several GPUs/nodes/CPU processes (accelerate MULTI_GPU, "
-                "torchrun)."
-            )
+        refuse_sharded_training(self.method.name, self.args, self.accelerator.distributed_type)
 
     # ---- task boundaries ---------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):

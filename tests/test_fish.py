@@ -82,7 +82,11 @@ def test_only_masked_entries_change_under_adamw(tmp_path):
 
 def test_regrouped_optimizer_equals_restoring_after_each_step(tmp_path, monkeypatch):
     """The cheap path (frozen entries moved to a weight_decay=0 group, decay on the k entries by hand) gives
-    bit-identical weights to the exact reference (plain AdamW, frozen entries copied back after every step)."""
+    the same weights as the exact reference (plain AdamW, frozen entries copied back after every step).
+
+    The two paths do the same arithmetic per entry, but in other tensor groupings, so a vectorised kernel and
+    its scalar tail may round differently: a few fp32 ulps are tolerated; a missed decay or a moved frozen
+    entry is far larger (checked by breaking the code on purpose: half the decay on the k entries fails it)."""
     from hf_continual.masking import MaskedUpdates
 
     trainer, _, _ = _fish_trainer(tmp_path / "fast")
@@ -96,7 +100,7 @@ def test_regrouped_optimizer_equals_restoring_after_each_step(tmp_path, monkeypa
     ref.train()
     assert ref.method.updates.restore_each_step is True
     for n, p in ref.model.named_parameters():
-        assert torch.equal(p.detach(), fast[n]), n
+        torch.testing.assert_close(p.detach(), fast[n], rtol=1e-6, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_other_optimizers_fall_back_to_restoring(tmp_path):

@@ -86,25 +86,58 @@ def test_online_ewc_decays_and_per_task_ewc_keeps_terms(tmp_path):
     torch.testing.assert_close(f_online[name], 0.5 * f0[name] + f1[name], rtol=1e-4, atol=1e-10)
 
 
+def _assert_penalty_changes_the_step(with_penalty, without_penalty, min_change=1e-3):
+    """The penalty gradient of the step under test is far from zero: its share of the update is at least
+    ``min_change`` in some parameter, 1000x the ``atol`` the equality checks below tolerate."""
+    change = max(float((with_penalty[n] - without_penalty[n]).abs().max()) for n in with_penalty)
+    assert change > min_change, change
+
+
 @pytest.mark.parametrize("method", ["ewc", "kfac"])
 def test_penalty_update_same_with_grad_accumulation(tmp_path, method):
+    """One step from a point away from the anchor: GA=2 on half batches == GA=1 on the global batch.
+
+    Checked by breaking the code on purpose: with the penalty gradient multiplied by
+    ``gradient_accumulation_steps`` where the trainer adds it, this test fails for both methods.
+    """
     full = one_step_params(str(tmp_path / "a"), GLOBAL_BATCH, 1, method=method, prior_task=True)
     accum = one_step_params(str(tmp_path / "b"), GLOBAL_BATCH // 2, 2, method=method, prior_task=True)
-    for n in full:
+    bare = one_step_params(
+        str(tmp_path / "c"), GLOBAL_BATCH, 1, method=method, prior_task=True, continual_lambda=0.0
+    )
+    _assert_penalty_changes_the_step(full, bare)
+    for n in full:  # fp32 sums of 8 examples in another order: a few ulps
         torch.testing.assert_close(full[n], accum[n], rtol=1e-5, atol=1e-6)
 
 
-def test_penalty_update_same_with_two_processes(tmp_path, torchrun):
-    single = one_step_params(str(tmp_path / "a"), GLOBAL_BATCH, 1, method="ewc", prior_task=True)
+@pytest.mark.parametrize("method", ["ewc", "kfac"])
+def test_penalty_update_same_with_two_processes(tmp_path, torchrun, method):
+    """One step from a point away from the anchor: 2 processes x 4 examples == 1 process x 8 examples.
+
+    Checked by breaking the code on purpose: with the penalty gradient multiplied by the world size where the
+    trainer adds it, this test fails (rank 0 vs the single process).
+    """
+    single = one_step_params(str(tmp_path / "a"), GLOBAL_BATCH, 1, method=method, prior_task=True)
+    bare = one_step_params(
+        str(tmp_path / "c"), GLOBAL_BATCH, 1, method=method, prior_task=True, continual_lambda=0.0
+    )
+    _assert_penalty_changes_the_step(single, bare)
     out = tmp_path / "dist.pt"
-    torchrun("scaling_dist.py", str(out), "ewc", "prior")
+    torchrun("scaling_dist.py", str(out), method, "prior")
     rank0, rank1 = torch.load(out), torch.load(str(out) + ".rank1")
     for n in single:
+        # bit-equal ranks: both apply the same all-reduced gradient (gloo hands every rank the same reduced
+        # buffer) to the same parameters with the same code on the same CPU
         torch.testing.assert_close(rank0[n], rank1[n], rtol=0, atol=0)
-        torch.testing.assert_close(single[n], rank0[n], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(single[n], rank0[n], rtol=1e-5, atol=1e-6)  # another summation order
 
 
 def test_penalty_is_logged(tmp_path):
+    """The logged ``continual_penalty`` of a step is the penalty at the parameters it started from (here > 0).
+
+    With learning rate 0 the parameters stay where the step started, so the value can be checked against the
+    differentiable reference ``method.penalty(model)``. Fails when the logged value is 0 or another step's.
+    """
     _, trainer = one_step_params(
         str(tmp_path / "a"),
         4,
@@ -114,9 +147,13 @@ def test_penalty_is_logged(tmp_path):
         return_trainer=True,
         logging_strategy="steps",
         logging_steps=1,
+        learning_rate=0.0,
     )
-    logged = [h for h in trainer.state.log_history if "continual_penalty" in h]
-    assert logged and logged[0]["continual_penalty"] >= 0
+    logged = [h["continual_penalty"] for h in trainer.state.log_history if "continual_penalty" in h]
+    expected = float(trainer.method.penalty(trainer.model).detach())
+    assert len(logged) == 2 and expected > 1e-3
+    for value in logged:  # logged values are rounded to 6 decimals
+        assert value == pytest.approx(expected, abs=5e-7)
 
 
 @pytest.fixture(scope="module")

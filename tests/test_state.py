@@ -85,10 +85,14 @@ def test_round_trip_reproduces_penalty_and_mask(tmp_path, method, kw):
             assert torch.equal(fresh.method.masks[n], m)
     v1, g1 = _penalty_after_perturbation(trainer)
     v2, g2 = _penalty_after_perturbation(fresh)
-    assert v1 == v2 and v1 > 0
+    # The loaded tensors are bit-equal to the saved ones, but a tensor read back from a file may have another
+    # memory layout, for which BLAS may choose another kernel (another summation order): fp32 rounding, a few
+    # ulps per product, is what these tolerances allow. A lost or wrong factor changes the values by O(1).
+    assert v1 > 0
+    assert v2 == pytest.approx(v1, rel=1e-5)
     assert set(g1) == set(g2)
     for n in g1:
-        assert torch.equal(g1[n], g2[n]), n
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_truncated_or_corrupted_state_is_a_clear_error(tmp_path):
@@ -167,4 +171,6 @@ def test_sigkill_during_task_2_then_resume_gives_same_matrix(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = json.loads((tmp_path / "full" / "results.json").read_text())["accuracy_matrix"]
     b = json.loads((tmp_path / "killed" / "results.json").read_text())["accuracy_matrix"]
-    assert a == b
+    # scores are fractions of the evaluated examples: the same predictions give the same fractions up to the
+    # float rounding of the division; one changed prediction would move a cell by 1/32 (32 evaluated examples)
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=0, atol=1e-9)

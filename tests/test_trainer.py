@@ -43,6 +43,15 @@ def test_two_processes_give_same_update(tmp_path, torchrun):
 
 
 def test_fresh_optimizer_and_schedule_per_task(tmp_path):
+    """Task 2 starts with a new optimizer and a learning-rate schedule that starts again at the peak.
+
+    A reused scheduler would hand task 2 the exhausted rate of task 1's end (0 with the linear schedule): the
+    learning rate of every step is read where the optimizer uses it. Checked by breaking the code on purpose:
+    with the scheduler kept across tasks (neither ours nor the Trainer's own reset) task 2 ran at a constant
+    1e-3 and this test failed.
+    """
+    from transformers import TrainerCallback
+
     tasks = toy_stream(n_train=32, n_eval=8)
     args = ContinualConfig(
         output_dir=str(tmp_path),
@@ -51,10 +60,23 @@ def test_fresh_optimizer_and_schedule_per_task(tmp_path):
         per_device_train_batch_size=8,
         num_train_epochs=1,
         learning_rate=1e-3,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
         save_strategy="no",
         disable_tqdm=True,
     )
-    trainer = ContinualTrainer(model=tiny_bert(), args=args, train_dataset=tasks[0].train_dataset)
+    rates: list[list[float]] = []
+
+    class Rates(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            rates.append([])
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            rates[-1].append(optimizer.param_groups[0]["lr"])
+
+    trainer = ContinualTrainer(
+        model=tiny_bert(), args=args, train_dataset=tasks[0].train_dataset, callbacks=[Rates()]
+    )
     trainer.train()
     first_opt = trainer.optimizer
     trainer.end_task()
@@ -63,6 +85,11 @@ def test_fresh_optimizer_and_schedule_per_task(tmp_path):
     assert trainer.optimizer is not first_opt
     assert trainer.state.global_step == 4  # counted afresh for the new task
     assert trainer.method.tasks_seen == ["task_0"]
+    # linear decay over 4 steps from 1e-3, for each task: 1e-3, 7.5e-4, 5e-4, 2.5e-4
+    expected = [1e-3 * (1 - s / 4) for s in range(4)]
+    assert len(rates) == 2
+    for task_rates in rates:
+        assert task_rates == pytest.approx(expected, rel=1e-6)
 
 
 def test_rejects_plain_training_arguments(tmp_path):

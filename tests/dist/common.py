@@ -10,6 +10,9 @@ from hf_continual import ContinualConfig, ContinualTrainer
 from hf_continual.toy import tiny_bert, toy_stream
 
 GLOBAL_BATCH = 8
+#: after the prior task the parameters are moved this far (seeded noise, the same on every rank) so that the
+#: penalty gradient of the next step is far from zero
+MOVE_FROM_ANCHOR = 0.05
 
 
 def one_step_params(
@@ -22,7 +25,13 @@ def one_step_params(
     return_trainer: bool = False,
     **overrides,
 ) -> dict[str, torch.Tensor]:
-    """Train one SGD step on the 8 examples of toy task 1 (optionally after task 0 + end_task) and return params."""
+    """Train one SGD step on the 8 examples of toy task 1 and return the parameters.
+
+    With ``prior_task`` the model first trains toy task 0 and consolidates it (``end_task``), then every
+    parameter is moved ``MOVE_FROM_ANCHOR`` * N(0, 1) away from its anchor (a seeded draw, identical on every
+    rank): the step under test starts with a non-zero penalty gradient, so a penalty scaled by the number of
+    accumulation steps or processes changes the update.
+    """
     tasks = toy_stream(n_train=GLOBAL_BATCH, n_eval=4, seed=3)
     model = tiny_bert(seed=1)
     common = dict(
@@ -53,6 +62,10 @@ def one_step_params(
         t0.train()
         t0.end_task(tasks[0].train_dataset, task_name="t0")
         method_state = t0.method
+        gen = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(MOVE_FROM_ANCHOR * torch.randn(p.shape, generator=gen).to(p.dtype))
     args = args_cls(
         **{
             **common,
