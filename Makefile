@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench lint clean gpu-check
 
 venv: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: $(STAMP)
 	$(PY) bench/clip_check.py --data-dir $(DATA)
 	$(PY) bench/el_quality.py --data-dir $(DATA)
 	$(PY) bench/tables.py
+
+# No .venv dependency: a lent GPU machine has its own torch and no network (bench/gpu_check.sh says how to
+# bring what it lacks); on a machine without CUDA it prints "no CUDA device: nothing to check" and exits 0.
+gpu-check:
+	bash bench/gpu_check.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hf_continual tests bench

@@ -36,7 +36,7 @@ def one_step_params(
     model = tiny_bert(seed=1)
     common = dict(
         output_dir=output_dir,
-        use_cpu=True,
+        use_cpu=os.environ.get("HF_CONTINUAL_TEST_DEVICE", "cpu") == "cpu",  # "cuda": DDP over NCCL
         report_to="none",
         optim="sgd",
         learning_rate=0.5,

