@@ -95,7 +95,7 @@ def run_one(
     }
     if spec["remine"]:  # a fraction of an epoch: after each third of it
         options["remine_every_steps"] = 1 / (REMINES_PER_EPOCH + 1)
-    task = build_entity_linking_task(task_name, recipe.data_dir, tokenizer, **options)
+    task = build_entity_linking_task(task_name, recipe.data_dir, tokenizer, corpora=recipe.corpora, **options)
     build_s = time.perf_counter() - t0
     train_s = 0.0
     log: list[dict[str, Any]] = []

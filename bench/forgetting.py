@@ -73,6 +73,8 @@ def _budget_of(resolved: dict[str, Any]) -> dict[str, Any]:
     bench run sets its method, and its lambda wherever the method has a penalty, in its overrides."""
     keys = ("model", "num_hidden_layers", "scale", "tasks", "task_options", "training")
     out = json.loads(json.dumps({k: resolved.get(k) for k in keys}, default=str))
+    if resolved.get("corpora"):  # corpora declared in the recipe (results older than that key have none)
+        out["corpora"] = json.loads(json.dumps(resolved["corpora"]))
     for k in ("continual_method", "continual_lambda"):
         (out.get("training") or {}).pop(k, None)
     return out
@@ -99,7 +101,9 @@ class Bench:
             ).get_tokenizer()
             options = {**self.recipe.task_options, "split": split, "show_progress": self.show_progress}
             tasks = [
-                build_entity_linking_task(n, self.recipe.data_dir, tokenizer, **options)
+                build_entity_linking_task(
+                    n, self.recipe.data_dir, tokenizer, corpora=self.recipe.corpora, **options
+                )
                 for n in self.recipe.tasks
             ]
             for t in tasks:  # start, after task 1..3: the untouched model stays cached across runs

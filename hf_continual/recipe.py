@@ -6,6 +6,16 @@ num_hidden_layers: null       # keep only the first N encoder layers (quick runs
 scale: 20.0                   # dual encoder: logits = scale * cosine (default 20; 30 measured better, see README)
 data_dir: ../shared/data      # corpora (see README "Data"); relative paths are relative to the recipe file
 tasks: [ncbi-disease, bc5cdr-disease, bc5cdr-chemical]   # entity-linking tasks, or [toy] for the toy stream
+corpora:                      # optional: more corpora, declared without Python (CorpusSpec.from_mapping)
+  my-corpus:                  # a task name for `tasks:` (must not shadow a built-in one)
+    train: my/train.PubTator.gz   # paths relative to data_dir (or absolute); gzip and CRLF are fine
+    dev: my/dev.PubTator
+    test: my/test.PubTator
+    types: [Disease]          # PubTator type column filter (absent: every type)
+    entity_type: disease      # in words, for the model card and result tables
+    dictionary: {path: my/CTD_diseases.tsv.gz, format: tsv, id_column: DiseaseID, name_column: DiseaseName,
+                 synonym_column: Synonyms}   # or a MEDIC-format path: {path: medic.txt} / format: medic
+    id_prefixes: {"MESH:": "", "OMIM:": "OMIM:", "": "OMIM:"}   # written -> canonical; "" = bare numbers
 task_options: {max_train_mentions: 1000, max_eval_mentions: 500, split: test}  # build_entity_linking_task
 training: {continual_method: kfac, learning_rate: 2.0e-5, num_train_epochs: 1}  # ContinualConfig fields
 output_dir: outputs/stream
@@ -18,7 +28,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +43,7 @@ RECIPE_KEYS = {
     "scale",
     "data_dir",
     "tasks",
+    "corpora",
     "task_options",
     "training",
     "output_dir",
@@ -102,6 +113,7 @@ class Recipe:
     save_model: bool
     name: str
     scale: float | None = None  #: cosine scale of the dual encoder (None: the model's default)
+    corpora: dict[str, Any] = field(default_factory=dict)  #: name -> CorpusSpec declared in the recipe
 
     def config(self, **extra: Any) -> ContinualConfig:
         """The ContinualConfig of this recipe (``output_dir`` and CPU defaults filled in)."""
@@ -126,6 +138,7 @@ class Recipe:
             "scale": self.scale,
             "data_dir": str(self.data_dir),
             "tasks": self.tasks,
+            "corpora": {name: spec.to_mapping() for name, spec in self.corpora.items()},
             "task_options": self.task_options,
             "training": self.training,
             "output_dir": self.output_dir,
@@ -162,7 +175,8 @@ def load_recipe(
     tasks = values.get("tasks")
     if not tasks or not isinstance(tasks, list):
         raise RecipeError(f"{path}: 'tasks' must be a non-empty list of task names")
-    known = known_tasks()
+    corpora = read_corpora(path, values.get("corpora"))
+    known = known_tasks() | set(corpora)
     for t in tasks:
         if t not in known:
             raise RecipeError(f"{path}: unknown task {t!r}; known: {', '.join(sorted(known))}")
@@ -191,6 +205,7 @@ def load_recipe(
         save_model=bool(values.get("save_model", True)),
         name=str(values.get("name") or path.stem),
         scale=None if scale is None else float(scale),
+        corpora=corpora,
     )
     recipe.config()  # validate the training section now, not after data loading
     return recipe
@@ -202,10 +217,40 @@ def known_tasks() -> set[str]:
     return set(TASK_REGISTRY) | {"toy"}
 
 
+def read_corpora(path: Path, section: Any) -> dict[str, Any]:
+    """The ``corpora:`` section: task name -> :class:`~.tasks.entity_linking.CorpusSpec`, through the same
+    :meth:`CorpusSpec.from_mapping` as the built-in registry; a malformed entry is a :class:`RecipeError` naming
+    the file and the key."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise RecipeError(f"{path}: 'corpora' must map task names to corpus declarations, got {section!r}")
+    from .tasks.entity_linking import TASK_REGISTRY, CorpusSpec
+
+    corpora = {}
+    for name, values in section.items():
+        if not isinstance(name, str) or not name or name == "toy":
+            raise RecipeError(f"{path}: corpora: invalid task name {name!r}")
+        if name in TASK_REGISTRY:
+            raise RecipeError(
+                f"{path}: corpora.{name}: shadows the built-in task {name!r}; choose another name"
+            )
+        try:
+            corpora[name] = CorpusSpec.from_mapping(values, source=f"{path}: corpora.{name}")
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
+    return corpora
+
+
 def _check_task_options(path: Path, options: dict[str, Any]) -> None:
     from .tasks.entity_linking import build_entity_linking_task
 
-    params = set(inspect.signature(build_entity_linking_task).parameters) - {"name", "data_dir", "tokenizer"}
+    params = set(inspect.signature(build_entity_linking_task).parameters) - {
+        "name",
+        "data_dir",
+        "tokenizer",
+        "corpora",
+    }
     unknown = sorted(set(options) - params)
     if unknown:
         raise RecipeError(
@@ -227,5 +272,8 @@ def build_stream(recipe: Recipe, show_progress: bool = True) -> tuple[Any, list[
     )
     tokenizer = model.get_tokenizer()
     options = {"show_progress": show_progress, **recipe.task_options}
-    tasks = [build_entity_linking_task(name, recipe.data_dir, tokenizer, **options) for name in recipe.tasks]
+    tasks = [
+        build_entity_linking_task(name, recipe.data_dir, tokenizer, corpora=recipe.corpora, **options)
+        for name in recipe.tasks
+    ]
     return model, tasks

@@ -15,9 +15,12 @@ from .errors import DataFormatError, DictionaryFormatError, PubTatorFormatError
 from .evaluation import RetrievalEvaluator, accuracy_at_k, model_fingerprint
 from .model import DualEncoderConfig, DualEncoderModel, DualEncoderOutput
 from .pubtator import (
+    MESH_OMIM_ID_RULES,
+    IdRules,
     PubTatorDocument,
     PubTatorMention,
     documents_to_dataset,
+    iter_text_lines,
     load_pubtator_mentions,
     normalize_concept_id,
     parse_pubtator_lines,
@@ -28,13 +31,17 @@ from .retriever import TfidfRetriever
 from .tasks import (
     TASK_REGISTRY,
     CorpusSpec,
+    DictionarySpec,
     EntityLinkingTask,
     build_entity_linking_task,
     cached_dictionary,
+    cached_retriever,
     default_data_dir,
+    resolve_corpus,
 )
 
 __all__ = [
+    "MESH_OMIM_ID_RULES",
     "TASK_REGISTRY",
     "TENSOR_COLUMNS",
     "CorpusSpec",
@@ -42,11 +49,13 @@ __all__ = [
     "Dictionary",
     "DictionaryEntry",
     "DictionaryFormatError",
+    "DictionarySpec",
     "DualEncoderCollator",
     "DualEncoderConfig",
     "DualEncoderModel",
     "DualEncoderOutput",
     "EntityLinkingTask",
+    "IdRules",
     "PubTatorDocument",
     "PubTatorFormatError",
     "PubTatorMention",
@@ -58,10 +67,12 @@ __all__ = [
     "build_entity_linking_task",
     "build_training_examples",
     "cached_dictionary",
+    "cached_retriever",
     "default_data_dir",
     "documents_to_dataset",
     "expand_mention",
     "iter_medic_entries",
+    "iter_text_lines",
     "iter_tsv_entries",
     "load_dictionary",
     "load_pubtator_mentions",
@@ -70,5 +81,6 @@ __all__ = [
     "normalize_name",
     "parse_pubtator_lines",
     "read_pubtator",
+    "resolve_corpus",
     "split_concept_ids",
 ]

@@ -1,20 +1,19 @@
 """Concept vocabularies ("dictionaries") for entity linking: readers, name normalisation, candidate sets.
 
-Two on-disk formats are read by one entry point, :func:`load_dictionary`, chosen by the file name:
+Two on-disk formats are read by one entry point, :func:`load_dictionary` (format given, or chosen by the file name):
 
-* MEDIC / BioSyn style ``ID[|ID...]||name[|synonym...]`` (``.txt``, optionally ``.gz``);
-* a TSV with a header (``.tsv``/``.tsv.gz``), id column ``ChemicalID``, name column ``ChemicalName`` and
-  ``|``-joined ``Synonyms`` by default (the MeSH chemical file; CTD's files have the same columns).
+* ``medic``: MEDIC / BioSyn style ``ID[|ID...]||name[|synonym...]`` (``.txt``, optionally gzipped);
+* ``tsv``: a TSV with a header (``.tsv``/``.tsv.gz``); the id, name and (``|``-joined) synonym columns are named
+  by the caller: ``ChemicalID`` / ``ChemicalName`` / ``Synonyms`` by default (the MeSH chemical file), e.g.
+  ``DiseaseID`` / ``DiseaseName`` / ``Synonyms`` for CTD's disease file.
 
-Ids go through :func:`~.pubtator.normalize_concept_id`, so the corpus side and the dictionary side compare
-equal. Names are indexed by :func:`normalize_name`, the single normalisation used for mentions, dictionary
+Files may be gzipped and have CRLF line ends. Ids go through :func:`~.pubtator.normalize_concept_id` with the
+corpus's :class:`~.pubtator.IdRules`, so the corpus side and the dictionary side compare equal. Names are indexed by :func:`normalize_name`, the single normalisation used for mentions, dictionary
 names, retrieval and training text alike.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
 import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DictionaryFormatError
-from .pubtator import normalize_concept_id
+from .pubtator import MESH_OMIM_ID_RULES, IdRules, iter_text_lines, normalize_concept_id
 
 _PUNCT = re.compile(r"[^\w\s]|_", flags=re.UNICODE)
 _SPACE = re.compile(r"\s+", flags=re.UNICODE)
@@ -146,13 +145,12 @@ class Dictionary:
         )
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return path.open(encoding="utf-8")
+DICTIONARY_FORMATS = ("auto", "medic", "tsv")
 
 
-def iter_medic_entries(lines: Iterable[str], source: str | Path = "<lines>") -> Iterator[DictionaryEntry]:
+def iter_medic_entries(
+    lines: Iterable[str], source: str | Path = "<lines>", id_rules: IdRules = MESH_OMIM_ID_RULES
+) -> Iterator[DictionaryEntry]:
     """Parse ``ID[|ID...]||name[|synonym...]`` lines; blank and ``#`` lines are skipped.
 
     Raises :class:`DictionaryFormatError` (file, 1-based line) when ``||`` is missing or ids/names are empty.
@@ -164,7 +162,7 @@ def iter_medic_entries(lines: Iterable[str], source: str | Path = "<lines>") -> 
         if "||" not in line:
             raise DictionaryFormatError(source, line_number, "expected 'ID[|ID...]||name[|synonym...]'", line)
         id_part, name_part = line.split("||", 1)
-        ids = [normalize_concept_id(a) for a in id_part.split("|")]
+        ids = [normalize_concept_id(a, id_rules) for a in id_part.split("|")]
         names = [n.strip() for n in name_part.split("|") if n.strip()]
         if not ids or any(not a for a in ids):
             raise DictionaryFormatError(source, line_number, "empty concept id", line)
@@ -180,12 +178,14 @@ def iter_tsv_entries(
     id_column: str = "ChemicalID",
     name_column: str = "ChemicalName",
     synonym_column: str | None = "Synonyms",
+    id_rules: IdRules = MESH_OMIM_ID_RULES,
 ) -> Iterator[DictionaryEntry]:
     """Parse a headed TSV vocabulary (one record per line; synonyms ``|``-joined; ids may be ``|``-joined).
 
     Leading ``#`` comment lines are skipped (CTD files carry them); the first other line is the header
-    (a leading ``#`` on it is removed). Raises :class:`DictionaryFormatError` (file, 1-based line) for a
-    missing column, a wrong field count or an empty id/name.
+    (a leading ``#`` on it is removed). ``synonym_column=None``: the file has no synonym column. Raises
+    :class:`DictionaryFormatError` (file, 1-based line) for a missing column, a wrong field count or an empty
+    id/name.
     """
     header: list[str] | None = None
     for line_number, raw in enumerate(lines, start=1):
@@ -197,20 +197,20 @@ def iter_tsv_entries(
             if not stripped:
                 continue
             header = [h.strip() for h in stripped.split("\t")]
-            missing = [c for c in (id_column, name_column) if c not in header]
+            missing = [c for c in (id_column, name_column, synonym_column) if c and c not in header]
             if missing:
                 raise DictionaryFormatError(source, line_number, f"header lacks column(s) {missing}", line)
             id_at, name_at = header.index(id_column), header.index(name_column)
-            syn_at = header.index(synonym_column) if synonym_column and synonym_column in header else None
+            syn_at = header.index(synonym_column) if synonym_column else None
             continue
-        if not line.strip():
+        if not line.lstrip("#").strip():  # blank, or a bare "#" separator line (CTD files have one)
             continue
         fields = line.split("\t")
         if len(fields) != len(header):
             raise DictionaryFormatError(
                 source, line_number, f"expected {len(header)} tab-separated fields, got {len(fields)}", line
             )
-        ids = [normalize_concept_id(a) for a in fields[id_at].split("|") if a.strip()]
+        ids = [normalize_concept_id(a, id_rules) for a in fields[id_at].split("|") if a.strip()]
         name = fields[name_at].strip()
         if not ids:
             raise DictionaryFormatError(source, line_number, f"empty {id_column}", line)
@@ -225,14 +225,25 @@ def iter_tsv_entries(
         raise DictionaryFormatError(source, 1, "empty TSV vocabulary (no header line)")
 
 
-def load_dictionary(path: str | Path, **tsv_columns: str | None) -> Dictionary:
-    """Load any supported vocabulary file: ``*.tsv``/``*.tsv.gz`` -> :func:`iter_tsv_entries` (keyword
-    arguments override the column names), anything else -> :func:`iter_medic_entries`."""
+def load_dictionary(
+    path: str | Path,
+    format: str = "auto",
+    id_rules: IdRules = MESH_OMIM_ID_RULES,
+    **tsv_columns: str | None,
+) -> Dictionary:
+    """Load a vocabulary file (gzipped or not). ``format``: ``"tsv"`` -> :func:`iter_tsv_entries` (keyword
+    arguments ``id_column``, ``name_column``, ``synonym_column`` name the columns), ``"medic"`` ->
+    :func:`iter_medic_entries`, ``"auto"`` -> ``tsv`` for ``*.tsv``/``*.tsv.gz`` file names, else ``medic``."""
     path = Path(path)
-    suffixes = [s.lower() for s in path.suffixes]
-    with _open_text(path) as handle:
-        if ".tsv" in suffixes:
-            entries = list(iter_tsv_entries(handle, source=path, **tsv_columns))
-        else:
-            entries = list(iter_medic_entries(handle, source=path))
+    if format not in DICTIONARY_FORMATS:
+        raise ValueError(f"dictionary format must be one of {DICTIONARY_FORMATS}, got {format!r}")
+    if format == "auto":
+        format = "tsv" if ".tsv" in [s.lower() for s in path.suffixes] else "medic"
+    if format == "medic" and tsv_columns:
+        raise ValueError(f"{path}: column names {sorted(tsv_columns)} apply to the tsv format only")
+    lines = iter_text_lines(path)
+    if format == "tsv":
+        entries = list(iter_tsv_entries(lines, source=path, id_rules=id_rules, **tsv_columns))
+    else:
+        entries = list(iter_medic_entries(lines, source=path, id_rules=id_rules))
     return Dictionary(entries, source=str(path))

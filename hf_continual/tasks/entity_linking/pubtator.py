@@ -1,38 +1,41 @@
-"""PubTator corpus reader (NCBI-disease, BC5CDR and any other corpus in the same format).
+"""PubTator corpus reader (NCBI-disease, BC5CDR, S800 and any other corpus in the same format).
 
 Format, one document per blank-line-separated block::
 
     PMID|t|title
     PMID|a|abstract
     PMID<TAB>start<TAB>end<TAB>mention<TAB>type<TAB>ids[<TAB>individual mentions]
-    PMID<TAB>CID<TAB>chemical<TAB>disease            (relation lines: ignored)
+    PMID<TAB>CID<TAB>chemical<TAB>disease[<TAB>more fields]   (relation lines: counted, ignored)
 
 Offsets are over ``title + " " + abstract``. Quirks handled here, so that no corpus needs its own code:
-composite ids joined by ``+`` (NCBI) or ``|`` (BC5CDR) become a list of atomic ids; ``-1`` means "no id"
-(the mention is kept, with ``ids == []``, and counted as unlinkable); ids are normalised to one canonical
-form on the corpus and the vocabulary side (:func:`normalize_concept_id`); mention strings are stripped and
-checked against the text at their offsets; a document whose PMID was already read is skipped (NCBI train
-holds PMID 8528200 twice) and counted. Any malformed line raises :class:`PubTatorFormatError` naming the
-file and the 1-based line number.
+files may be gzipped (recognised by their magic bytes) and have CRLF line ends; relation lines may carry more than
+4 fields (e.g. a novelty flag); composite ids joined by ``+`` (NCBI), ``|`` (BC5CDR) or ``,`` (other releases)
+become a list of atomic ids; ``-1`` means "no id" (the mention is kept, with ``ids == []``, and counted as
+unlinkable); ids are normalised to one canonical form on the corpus and the vocabulary side by the corpus's
+:class:`IdRules`; mention strings are stripped and checked against the text at their offsets; a document whose
+PMID was already read is skipped (NCBI train holds PMID 8528200 twice) and counted. Any malformed line raises
+:class:`PubTatorFormatError` naming the file and the 1-based line number.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, Features, Sequence, Value
 
-from .errors import PubTatorFormatError
+from .errors import DataFormatError, PubTatorFormatError
 
 logger = logging.getLogger(__name__)
 
 _TEXT_LINE = re.compile(r"^([^\t|]+)\|([ta])\|(.*)$")
 _ATOM = re.compile(r"^[A-Za-z0-9_.\-:]+$")
-_MESH = re.compile(r"^[CD]\d+$")
+_RELATION_TYPE = re.compile(r"^[A-Za-z][\w\-]*$")
+_COMPOSITE_SEPARATORS = re.compile(r"[+|,]")
 UNLINKED_ID = "-1"
 
 MENTION_FEATURES = (
@@ -49,33 +52,97 @@ MENTION_FEATURES = (
 )
 
 
-def normalize_concept_id(raw: str) -> str:
-    """Return the canonical form of one atomic concept id.
+def iter_text_lines(path: str | Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file, gzipped or not (gzip recognised by its magic bytes), without line ends.
 
-    MeSH ids lose a ``MESH:`` prefix (``MESH:D012345`` -> ``D012345``); OMIM ids carry the prefix
-    (bare ``123456`` as in MEDIC, or ``OMIM:123456`` as in NCBI -> ``OMIM:123456``); anything else is kept
-    as is (after stripping whitespace), so a new vocabulary works unchanged. Both the corpus and the
-    dictionary readers use this function, which makes their ids comparable.
+    Lines are split on ``\\n`` only and a trailing ``\\r`` is removed (CRLF files), so a stray carriage return
+    inside a line never splits it. A line that is not UTF-8 raises :class:`~.errors.DataFormatError` naming the
+    file and the 1-based line.
     """
-    atom = raw.strip()
-    upper = atom.upper()
-    if upper.startswith("MESH:"):
-        atom = atom[5:].strip()
-    elif upper.startswith("OMIM:"):
-        atom = "OMIM:" + atom[5:].strip()
-    elif atom.isdigit():
-        atom = "OMIM:" + atom
-    return atom
+    path = Path(path)
+    with path.open("rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+    opener = gzip.open if gzipped else open
+    with opener(path, "rb") as handle:
+        for line_number, data in enumerate(handle, start=1):
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(
+                    path, line_number, f"not UTF-8 ({err.reason} at byte {err.start})"
+                ) from None
+            if line_number == 1:
+                text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark
+            yield text.rstrip("\n").rstrip("\r")
 
 
-def split_concept_ids(field_value: str) -> list[str]:
-    """Split a (possibly composite) id field on ``+`` and ``|`` into canonical atomic ids.
+@dataclass(frozen=True)
+class IdRules:
+    """How one corpus and its vocabulary write concept ids, and the canonical form both are compared in.
+
+    ``prefixes`` maps a prefix as written (matched case-insensitively, longest first) to the canonical prefix it
+    becomes (``""`` drops it); the key ``""`` is the prefix given to a bare all-digit id (absent: bare numbers stay
+    bare). The default, :data:`MESH_OMIM_ID_RULES`, is the rule of the MeSH/OMIM disease and chemical corpora:
+    ``MESH:D012345`` -> ``D012345``, ``OMIM:123456`` and bare ``123456`` (MEDIC) -> ``OMIM:123456``. NCBI Taxonomy
+    ids (S800) are bare numbers too, so that corpus declares its own rule (``{"NCBITaxon:": "NCBITaxon:",
+    "": "NCBITaxon:"}``) and a taxid never reads as an OMIM number.
+    """
+
+    prefixes: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        for written, canonical in self.prefixes:
+            if not isinstance(written, str) or not isinstance(canonical, str):
+                raise ValueError(f"id prefix rule {written!r}: {canonical!r}: both sides must be strings")
+            if any(c.isspace() for c in written + canonical):
+                raise ValueError(
+                    f"id prefix rule {written!r}: {canonical!r}: prefixes cannot hold whitespace"
+                )
+        keys = [w.lower() for w, _ in self.prefixes]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"id prefix rules list a prefix twice: {[w for w, _ in self.prefixes]}")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, str | None]) -> IdRules:
+        """``{written prefix: canonical prefix}`` (``None`` or ``""`` drops the prefix; key ``""``: bare numbers)."""
+        return cls(tuple((str(k), "" if v is None else str(v)) for k, v in mapping.items()))
+
+    def as_mapping(self) -> dict[str, str]:
+        return dict(self.prefixes)
+
+    def normalize(self, raw: str) -> str:
+        """The canonical form of one atomic id (whitespace stripped; unknown prefixes kept as written)."""
+        atom = raw.strip()
+        lower = atom.lower()
+        for written, canonical in sorted(self.prefixes, key=lambda p: -len(p[0])):
+            if written and lower.startswith(written.lower()):
+                return canonical + atom[len(written) :].strip()
+        bare = dict(self.prefixes).get("")
+        if bare is not None and atom.isdigit():
+            return bare + atom
+        return atom
+
+
+MESH_OMIM_ID_RULES = IdRules((("MESH:", ""), ("OMIM:", "OMIM:"), ("", "OMIM:")))
+
+
+def normalize_concept_id(raw: str, rules: IdRules = MESH_OMIM_ID_RULES) -> str:
+    """Return the canonical form of one atomic concept id under ``rules`` (default: the MeSH/OMIM corpora's).
+
+    Both the corpus and the dictionary readers use this function with the corpus's rules, which makes their ids
+    comparable; see :class:`IdRules`.
+    """
+    return rules.normalize(raw)
+
+
+def split_concept_ids(field_value: str, rules: IdRules = MESH_OMIM_ID_RULES) -> list[str]:
+    """Split a (possibly composite) id field on ``+``, ``|`` and ``,`` into canonical atomic ids.
 
     ``-1`` atoms mean "no id" and are dropped, so an unlinkable mention yields ``[]``. Duplicates are
     removed, first occurrence order kept. Raises ``ValueError`` for an empty atom or one with odd characters.
     """
     atoms: list[str] = []
-    for part in re.split(r"[+|]", field_value):
+    for part in _COMPOSITE_SEPARATORS.split(field_value):
         part = part.strip()
         if not part:
             raise ValueError(f"empty concept id in {field_value!r}")
@@ -83,7 +150,7 @@ def split_concept_ids(field_value: str) -> list[str]:
             continue
         if not _ATOM.match(part):
             raise ValueError(f"invalid concept id {part!r}")
-        atom = normalize_concept_id(part)
+        atom = normalize_concept_id(part, rules)
         if atom not in atoms:
             atoms.append(atom)
     return atoms
@@ -125,9 +192,13 @@ class PubTatorDocument:
 
 
 def parse_pubtator_lines(
-    lines: Iterable[str], source: str | Path = "<lines>", types: Collection[str] | None = None
+    lines: Iterable[str],
+    source: str | Path = "<lines>",
+    types: Collection[str] | None = None,
+    id_rules: IdRules = MESH_OMIM_ID_RULES,
 ) -> tuple[list[PubTatorDocument], dict[str, int]]:
-    """Parse PubTator lines; keep mentions whose type is in ``types`` (all types when None).
+    """Parse PubTator lines; keep mentions whose type is in ``types`` (all types when None); ids canonical under
+    ``id_rules``.
 
     Returns the documents (first copy of a duplicated PMID only) and counts: ``documents``,
     ``duplicate_documents``, ``entity_lines`` (selected types, duplicates included, as released),
@@ -208,11 +279,12 @@ def parse_pubtator_lines(
             raise fail(f"annotation for PMID {pmid} before the document's title line")
         if pmid != current.pmid:
             raise fail(f"annotation PMID {pmid} inside document {current.pmid}")
-        if not (fields[1].strip().isdigit() and fields[2].strip().isdigit()):
-            if len(fields) == 4 and fields[1].strip():
-                stats["relation_lines"] += 1  # e.g. PMID<TAB>CID<TAB>chemical<TAB>disease
+        first, second = fields[1].strip(), fields[2].strip()
+        if not (first.isdigit() and second.isdigit()):
+            if not first.isdigit() and not second.isdigit() and _RELATION_TYPE.match(first):
+                stats["relation_lines"] += 1  # PMID<TAB>CID<TAB>chemical<TAB>disease[<TAB>novelty ...]
                 continue
-            raise fail("entity line with non-integer offsets (and not a 4-field relation line)")
+            raise fail("entity line with non-integer offsets (and not a relation line)")
         if len(fields) not in (6, 7):
             raise fail(f"entity line must have 6 or 7 tab-separated fields, got {len(fields)}")
         start, end = int(fields[1]), int(fields[2])
@@ -227,7 +299,7 @@ def parse_pubtator_lines(
         if wanted is not None and mention_type not in wanted:
             continue
         try:
-            ids = split_concept_ids(fields[5])
+            ids = split_concept_ids(fields[5], id_rules)
         except ValueError as err:
             raise fail(str(err)) from None
         individual = (
@@ -242,12 +314,12 @@ def parse_pubtator_lines(
 
 
 def read_pubtator(
-    path: str | Path, types: Collection[str] | None = None
+    path: str | Path, types: Collection[str] | None = None, id_rules: IdRules = MESH_OMIM_ID_RULES
 ) -> tuple[list[PubTatorDocument], dict[str, int]]:
-    """Read a PubTator file (UTF-8); see :func:`parse_pubtator_lines` for the result and the errors."""
+    """Read a PubTator file (UTF-8, gzipped or not, LF or CRLF); see :func:`parse_pubtator_lines` for the result
+    and the errors."""
     path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        return parse_pubtator_lines(handle, source=path, types=types)
+    return parse_pubtator_lines(iter_text_lines(path), source=path, types=types, id_rules=id_rules)
 
 
 def documents_to_dataset(documents: Iterable[PubTatorDocument]) -> Dataset:
@@ -288,8 +360,8 @@ def documents_to_dataset(documents: Iterable[PubTatorDocument]) -> Dataset:
 
 
 def load_pubtator_mentions(
-    path: str | Path, types: Collection[str] | None = None
+    path: str | Path, types: Collection[str] | None = None, id_rules: IdRules = MESH_OMIM_ID_RULES
 ) -> tuple[Dataset, dict[str, int]]:
     """Read a PubTator file into a mention-level ``datasets.Dataset`` plus its stats dict."""
-    documents, stats = read_pubtator(path, types=types)
+    documents, stats = read_pubtator(path, types=types, id_rules=id_rules)
     return documents_to_dataset(documents), stats

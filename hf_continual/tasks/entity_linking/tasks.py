@@ -1,7 +1,9 @@
-"""Entity-linking tasks for the task stream: a registry of corpora and :func:`build_entity_linking_task`.
+"""Entity-linking tasks for the task stream: corpus declarations and :func:`build_entity_linking_task`.
 
-A task = training examples from the train split + an evaluator on the dev or test split. Adding a corpus
-is one :data:`TASK_REGISTRY` entry (PubTator files, entity types, vocabulary file); no code changes.
+A task = training examples from the train split + an evaluator on the dev or test split. A corpus is declared
+by a mapping (PubTator splits, entity types, vocabulary file and format, id prefix rules) read by
+:meth:`CorpusSpec.from_mapping`: the built-in :data:`TASK_REGISTRY` entries and the ``corpora:`` section of a
+recipe go through that one function, so adding a corpus needs no Python.
 
 Evaluation candidate set (DESIGN.md): ``"default"`` = every name of every gold id in any split of the
 corpus plus a fixed-seed sample of 20,000 other dictionary names (encoding the full MeSH chemical
@@ -13,8 +15,8 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -25,51 +27,204 @@ from transformers import PreTrainedTokenizerBase
 
 from .abbrev import add_query_column
 from .data import DualEncoderCollator, build_training_examples
-from .dictionary import Dictionary, load_dictionary
+from .dictionary import DICTIONARY_FORMATS, Dictionary, load_dictionary
 from .evaluation import CombinedEvaluator, RetrievalEvaluator
 from .mining import HardNegativeMiner, RemineNegativesCallback
-from .pubtator import load_pubtator_mentions
+from .pubtator import MESH_OMIM_ID_RULES, IdRules, load_pubtator_mentions
 from .retriever import TfidfRetriever
 
 
 @dataclass(frozen=True)
+class DictionarySpec:
+    """A concept vocabulary file (relative to the data dir, or absolute; gzipped or not) and how to read it.
+
+    ``format``: ``medic`` (``ID[|ID]||name[|synonym]``), ``tsv`` (headed TSV; ``id_column``, ``name_column`` and
+    ``synonym_column`` name its columns, ``synonym_column=None`` when it has none) or ``auto`` (by file name).
+    """
+
+    path: str
+    format: Literal["auto", "medic", "tsv"] = "auto"
+    id_column: str = "ChemicalID"
+    name_column: str = "ChemicalName"
+    synonym_column: str | None = "Synonyms"
+
+    def is_tsv(self) -> bool:
+        if self.format == "auto":
+            return ".tsv" in [s.lower() for s in Path(self.path).suffixes]
+        return self.format == "tsv"
+
+    def load(self, id_rules: IdRules) -> Dictionary:
+        """Read the file (prefer :func:`cached_dictionary`, which reads it once per process)."""
+        if not self.is_tsv():
+            return load_dictionary(self.path, format="medic", id_rules=id_rules)
+        columns = {"id_column": self.id_column, "name_column": self.name_column}
+        return load_dictionary(
+            self.path, format="tsv", id_rules=id_rules, synonym_column=self.synonym_column, **columns
+        )
+
+
+@dataclass(frozen=True)
 class CorpusSpec:
-    """Where a task's data lives (paths relative to the data dir) and which entity types it links."""
+    """A declared corpus: where a task's data lives, which entity types it links, to which vocabulary.
+
+    Paths are relative to the data dir (or absolute). ``types`` filters the PubTator type column (None: every
+    type); ``entity_type`` is what the task links, in words ("disease", "species"), for model cards and result
+    tables; ``id_rules`` turn the ids of both the corpus and the vocabulary into one canonical form.
+    """
 
     train: str
     dev: str
     test: str
-    dictionary: str
+    dictionary: DictionarySpec
     types: tuple[str, ...] | None = None
+    entity_type: str = "entity"
     description: str = ""
+    id_rules: IdRules = MESH_OMIM_ID_RULES
+
+    #: keys of a corpus mapping (registry entry or recipe ``corpora:`` entry)
+    KEYS = ("train", "dev", "test", "dictionary", "types", "entity_type", "description", "id_prefixes")
+    DICTIONARY_KEYS = ("path", "format", "id_column", "name_column", "synonym_column")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "corpus") -> CorpusSpec:
+        """Validate and read one corpus declaration (the one code path of registry entries and recipe corpora).
+
+        ``values``: ``train``/``dev``/``test`` (paths), ``dictionary`` (a path, or a mapping with ``path``,
+        ``format`` and the TSV column names), ``types`` (a type name or list; absent: every type),
+        ``entity_type``, ``description``, ``id_prefixes`` (``{written prefix: canonical prefix}``, key ``""`` for
+        bare numbers; absent: the MeSH/OMIM rule). Raises ``ValueError`` naming ``source`` and the key.
+        """
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{source}: a corpus is a mapping of {', '.join(cls.KEYS)}, got {values!r}")
+        unknown = sorted(set(values) - set(cls.KEYS))
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.KEYS)}")
+        missing = [k for k in ("train", "dev", "test", "dictionary") if not values.get(k)]
+        if missing:
+            raise ValueError(f"{source}: missing {', '.join(missing)}")
+        for key in ("train", "dev", "test", "entity_type", "description"):
+            if key in values and not isinstance(values[key], str):
+                raise ValueError(f"{source}.{key}: expected a string, got {values[key]!r}")
+        dictionary = values["dictionary"]
+        if isinstance(dictionary, str):
+            dictionary = {"path": dictionary}
+        if not isinstance(dictionary, Mapping):
+            raise ValueError(f"{source}.dictionary: expected a path or a mapping, got {dictionary!r}")
+        bad = sorted(set(dictionary) - set(cls.DICTIONARY_KEYS))
+        if bad:
+            raise ValueError(
+                f"{source}.dictionary: unknown key(s) {', '.join(bad)}; known: {', '.join(cls.DICTIONARY_KEYS)}"
+            )
+        if not isinstance(dictionary.get("path"), str) or not dictionary["path"]:
+            raise ValueError(
+                f"{source}.dictionary.path: expected a file path, got {dictionary.get('path')!r}"
+            )
+        fmt = dictionary.get("format", "auto")
+        if fmt not in DICTIONARY_FORMATS:
+            raise ValueError(
+                f"{source}.dictionary.format: one of {', '.join(DICTIONARY_FORMATS)}, got {fmt!r}"
+            )
+        for key in ("id_column", "name_column", "synonym_column"):
+            value = dictionary.get(key)
+            if (
+                key in dictionary
+                and not (isinstance(value, str) and value)
+                and not (key == "synonym_column" and value is None)
+            ):
+                raise ValueError(f"{source}.dictionary.{key}: expected a column name, got {value!r}")
+        types = values.get("types")
+        if isinstance(types, str):
+            types = [types]
+        if types is not None and (
+            not isinstance(types, list | tuple)
+            or not types
+            or not all(isinstance(t, str) and t for t in types)
+        ):
+            raise ValueError(
+                f"{source}.types: expected a type name or a non-empty list of them, got {types!r}"
+            )
+        prefixes = values.get("id_prefixes")
+        if prefixes is None:
+            id_rules = MESH_OMIM_ID_RULES
+        elif not isinstance(prefixes, Mapping):
+            raise ValueError(
+                f"{source}.id_prefixes: expected {{written prefix: canonical prefix}}, got {prefixes!r}"
+            )
+        else:
+            try:
+                id_rules = IdRules.from_mapping(prefixes)
+            except ValueError as err:
+                raise ValueError(f"{source}.id_prefixes: {err}") from None
+        return cls(
+            train=values["train"],
+            dev=values["dev"],
+            test=values["test"],
+            dictionary=DictionarySpec(**{"format": fmt, **dictionary}),
+            types=None if types is None else tuple(types),
+            entity_type=values.get("entity_type", "entity"),
+            description=values.get("description", ""),
+            id_rules=id_rules,
+        )
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The declaration as :meth:`from_mapping` reads it (JSON-ready; written into results)."""
+        return {
+            "train": self.train,
+            "dev": self.dev,
+            "test": self.test,
+            "dictionary": {k: getattr(self.dictionary, k) for k in self.DICTIONARY_KEYS},
+            "types": None if self.types is None else list(self.types),
+            "entity_type": self.entity_type,
+            "description": self.description,
+            "id_prefixes": self.id_rules.as_mapping(),
+        }
 
 
-TASK_REGISTRY: dict[str, CorpusSpec] = {
-    "ncbi-disease": CorpusSpec(
-        train="ncbi_disease/NCBItrainset_corpus.txt",
-        dev="ncbi_disease/NCBIdevelopset_corpus.txt",
-        test="ncbi_disease/NCBItestset_corpus.txt",
-        dictionary="medic/medic_06Jul2012.txt",
-        types=None,
-        description="NCBI-disease (all mention types) linked to MEDIC 2012",
-    ),
-    "bc5cdr-disease": CorpusSpec(
-        train="bc5cdr/CDR_TrainingSet.PubTator.txt",
-        dev="bc5cdr/CDR_DevelopmentSet.PubTator.txt",
-        test="bc5cdr/CDR_TestSet.PubTator.txt",
-        dictionary="medic/medic_06Jul2012.txt",
-        types=("Disease",),
-        description="BC5CDR Disease mentions linked to MEDIC 2012",
-    ),
-    "bc5cdr-chemical": CorpusSpec(
-        train="bc5cdr/CDR_TrainingSet.PubTator.txt",
-        dev="bc5cdr/CDR_DevelopmentSet.PubTator.txt",
-        test="bc5cdr/CDR_TestSet.PubTator.txt",
-        dictionary="mesh_chemicals/mesh_chemicals.tsv.gz",
-        types=("Chemical",),
-        description="BC5CDR Chemical mentions linked to MeSH chemicals (D branch + SCRs)",
-    ),
+MEDIC = "medic/medic_06Jul2012.txt"
+BUILTIN_CORPORA: dict[str, dict[str, Any]] = {
+    "ncbi-disease": {
+        "train": "ncbi_disease/NCBItrainset_corpus.txt",
+        "dev": "ncbi_disease/NCBIdevelopset_corpus.txt",
+        "test": "ncbi_disease/NCBItestset_corpus.txt",
+        "dictionary": MEDIC,
+        "entity_type": "disease",
+        "description": "NCBI-disease (all mention types) linked to MEDIC 2012",
+    },
+    "bc5cdr-disease": {
+        "train": "bc5cdr/CDR_TrainingSet.PubTator.txt",
+        "dev": "bc5cdr/CDR_DevelopmentSet.PubTator.txt",
+        "test": "bc5cdr/CDR_TestSet.PubTator.txt",
+        "dictionary": MEDIC,
+        "types": ["Disease"],
+        "entity_type": "disease",
+        "description": "BC5CDR Disease mentions linked to MEDIC 2012",
+    },
+    "bc5cdr-chemical": {
+        "train": "bc5cdr/CDR_TrainingSet.PubTator.txt",
+        "dev": "bc5cdr/CDR_DevelopmentSet.PubTator.txt",
+        "test": "bc5cdr/CDR_TestSet.PubTator.txt",
+        "dictionary": {"path": "mesh_chemicals/mesh_chemicals.tsv.gz", "format": "tsv"},
+        "types": ["Chemical"],
+        "entity_type": "chemical",
+        "description": "BC5CDR Chemical mentions linked to MeSH chemicals (D branch + SCRs)",
+    },
 }
+
+#: the built-in corpora, declared as a recipe's ``corpora:`` section would declare them
+TASK_REGISTRY: dict[str, CorpusSpec] = {
+    name: CorpusSpec.from_mapping(values, source=f"TASK_REGISTRY[{name!r}]")
+    for name, values in BUILTIN_CORPORA.items()
+}
+
+
+def resolve_corpus(name: str, corpora: Mapping[str, CorpusSpec] | None = None) -> CorpusSpec:
+    """The declaration of task ``name``: from ``corpora`` (a recipe's) first, then :data:`TASK_REGISTRY`."""
+    if corpora and name in corpora:
+        return corpora[name]
+    if name in TASK_REGISTRY:
+        return TASK_REGISTRY[name]
+    known = sorted(set(TASK_REGISTRY) | set(corpora or {}))
+    raise KeyError(f"unknown entity-linking task {name!r}; known: {known}")
 
 
 def default_data_dir() -> Path:
@@ -81,19 +236,35 @@ def default_data_dir() -> Path:
 
 
 @lru_cache(maxsize=4)
-def _cached_dictionary(path: str, mtime_ns: int) -> Dictionary:
-    return load_dictionary(path)
+def _cached_dictionary(spec: DictionarySpec, mtime_ns: int, id_rules: IdRules) -> Dictionary:
+    return spec.load(id_rules)
 
 
-def cached_dictionary(path: str | Path) -> Dictionary:
-    """:func:`load_dictionary` memoised per (path, modification time); treat the result as read-only."""
-    path = Path(path).resolve()
-    return _cached_dictionary(str(path), path.stat().st_mtime_ns)
+def _resolved(path: str | Path, spec: DictionarySpec | None) -> tuple[DictionarySpec, int]:
+    resolved = Path(path).resolve()
+    spec = DictionarySpec(str(resolved)) if spec is None else replace(spec, path=str(resolved))
+    return spec, resolved.stat().st_mtime_ns
+
+
+def cached_dictionary(
+    path: str | Path, spec: DictionarySpec | None = None, id_rules: IdRules = MESH_OMIM_ID_RULES
+) -> Dictionary:
+    """The vocabulary at ``path`` (read as ``spec`` says; default: format by file name, the default TSV columns)
+    memoised per (file, modification time, format, columns, id rules): a vocabulary is read once per process
+    however many tasks, splits or runs use it. Treat the result as read-only."""
+    return _cached_dictionary(*_resolved(path, spec), id_rules)
 
 
 @lru_cache(maxsize=4)
-def _cached_retriever(path: str, mtime_ns: int) -> TfidfRetriever:
-    return TfidfRetriever(_cached_dictionary(path, mtime_ns).names)
+def _cached_retriever(spec: DictionarySpec, mtime_ns: int, id_rules: IdRules) -> TfidfRetriever:
+    return TfidfRetriever(_cached_dictionary(spec, mtime_ns, id_rules).names)
+
+
+def cached_retriever(
+    path: str | Path, spec: DictionarySpec | None = None, id_rules: IdRules = MESH_OMIM_ID_RULES
+) -> TfidfRetriever:
+    """The char-3-gram TF-IDF index over the names of :func:`cached_dictionary` (same key): built once per process."""
+    return _cached_retriever(*_resolved(path, spec), id_rules)
 
 
 def _split_stats(
@@ -202,8 +373,10 @@ def build_entity_linking_task(
     remine_every_steps: float | None = None,
     remine_dense_negatives: int | None = None,
     remine_random_pool: int = 5000,
+    corpora: Mapping[str, CorpusSpec] | None = None,
 ) -> EntityLinkingTask:
-    """Build the task ``name`` (a :data:`TASK_REGISTRY` key) from the files under ``data_dir``.
+    """Build the task ``name`` (a key of ``corpora``, e.g. a recipe's ``corpora:`` section, or of
+    :data:`TASK_REGISTRY`) from the files under ``data_dir``.
 
     Training examples come from the train split (a fixed-seed sample of ``max_train_mentions`` mentions if
     given), each with ``num_candidates`` names whose hard negatives are mined from the full dictionary.
@@ -222,8 +395,7 @@ def build_entity_linking_task(
     each example's K-1 negatives are replaced by the names the current model ranks highest among a pool (16
     sparse candidates per example plus ``remine_random_pool`` sampled dictionary names); the others stay TF-IDF.
     """
-    if name not in TASK_REGISTRY:
-        raise KeyError(f"unknown entity-linking task {name!r}; known: {sorted(TASK_REGISTRY)}")
+    spec = resolve_corpus(name, corpora)
     if split not in ("test", "dev"):
         raise ValueError(f"split must be 'test' or 'dev', got {split!r}")
     if eval_candidates not in ("default", "full", "both"):
@@ -232,21 +404,23 @@ def build_entity_linking_task(
         raise ValueError(
             f"remine_every_steps must be > 0 (steps, or a fraction of an epoch below 1), got {remine_every_steps}"
         )
-    spec = TASK_REGISTRY[name]
     root = Path(data_dir) if data_dir is not None else default_data_dir()
-    dict_path = (root / spec.dictionary).resolve()
-    dictionary = cached_dictionary(dict_path)
+    dict_path = root / spec.dictionary.path
+    dictionary = cached_dictionary(dict_path, spec.dictionary, spec.id_rules)
 
     stats: dict[str, Any] = {
         "task": name,
+        "entity_type": spec.entity_type,
         "description": spec.description,
-        "dictionary": str(spec.dictionary),
+        "dictionary": spec.dictionary.path,
     }
     stats["dictionary_names"], stats["dictionary_ids"] = len(dictionary), dictionary.num_ids
     splits: dict[str, Dataset] = {}
     all_gold: set[str] = set()
     for split_name in ("train", "dev", "test"):
-        mentions, raw = load_pubtator_mentions(root / getattr(spec, split_name), types=spec.types)
+        mentions, raw = load_pubtator_mentions(
+            root / getattr(spec, split_name), types=spec.types, id_rules=spec.id_rules
+        )
         all_gold.update(i for ids in mentions["ids"] for i in ids)
         if split_name == "train" or split_name == split:
             limit = max_train_mentions if split_name == "train" else max_eval_mentions
@@ -257,7 +431,7 @@ def build_entity_linking_task(
             expanded = 0
         stats[split_name] = _split_stats(raw, mentions, dictionary, expanded)
 
-    retriever = _cached_retriever(str(dict_path), dict_path.stat().st_mtime_ns)
+    retriever = cached_retriever(dict_path, spec.dictionary, spec.id_rules)
     train_dataset, train_stats = build_training_examples(
         splits["train"],
         dictionary,
