@@ -24,6 +24,7 @@ class TfidfRetriever:
         )
         self.matrix = self.vectorizer.fit_transform(self.names).tocsr()
         self.max_block_cells = max_block_cells
+        self._names_t = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -42,7 +43,9 @@ class TfidfRetriever:
         out_idx = np.zeros((q.shape[0], k), dtype=np.int64)
         out_score = np.zeros((q.shape[0], k), dtype=np.float32)
         block = max(1, self.max_block_cells // max(1, len(self.names)))
-        names_t = self.matrix.T.tocsc()
+        if self._names_t is None:  # CSR of the transpose, made once: a CSC operand is converted on every product
+            self._names_t = self.matrix.T.tocsr()
+        names_t = self._names_t
         for lo in range(0, q.shape[0], block):
             scores = (q[lo : lo + block] @ names_t).toarray()
             part = np.argpartition(-scores, k - 1, axis=1)[:, :k]

@@ -208,6 +208,17 @@ BUILTIN_CORPORA: dict[str, dict[str, Any]] = {
         "entity_type": "chemical",
         "description": "BC5CDR Chemical mentions linked to MeSH chemicals (D branch + SCRs)",
     },
+    "s800-species": {
+        "train": "s800/S800_train.PubTator",
+        "dev": "s800/S800_dev.PubTator",
+        "test": "s800/S800_test.PubTator",
+        # the taxonomy table uses the MeSH chemical file's column names (ChemicalID = taxid): see its SOURCES.txt
+        "dictionary": {"path": "ncbi_taxonomy/ncbi_taxonomy.tsv.gz", "format": "tsv"},
+        "types": ["Species"],
+        "entity_type": "species",
+        "id_prefixes": {"NCBITaxon:": "NCBITaxon:", "taxon:": "NCBITaxon:", "": "NCBITaxon:"},
+        "description": "S800 species mentions linked to NCBI Taxonomy (2024-09 names + ids retired since 2021-03)",
+    },
 }
 
 #: the built-in corpora, declared as a recipe's ``corpora:`` section would declare them
