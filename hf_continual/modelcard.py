@@ -16,7 +16,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .report import matrix_markdown, metrics_markdown
 from .state import atomic_write_text
-from .stream import HEATMAP_FILE, load_results
+from .stream import HEATMAP_FILE, load_results, task_labels
 
 CARD_FILE = "README.md"
 STREAM_METRICS = ("acc", "bwt", "fwt", "forgetting")
@@ -49,6 +49,8 @@ def _evaluation_data(results: dict[str, Any]) -> str:
             continue
         split = t.get("evaluated_split")
         parts = [t.get("description", task)]
+        if t.get("entity_type"):
+            parts.insert(0, f"links {t['entity_type']} mentions")
         training = t.get("training") or {}
         if "examples" in training:
             parts.append(
@@ -89,10 +91,11 @@ def build_model_card(
     metric = results.get("metric", "score")
     method = results.get("method", "none")
     final = R[-1]
+    labels = task_labels(results)  # in training order, with the entity type of each task
     eval_results = [
         EvalResult(
             task_type="continual-learning",
-            task_name=f"{task} (after the last task)",
+            task_name=f"{labels[j]} (after the last task)",
             dataset_type=task,
             dataset_name=task,
             dataset_split=(task_descriptions or {}).get(task, "test"),
@@ -138,7 +141,7 @@ continual method **{method}**{f", starting from `{base_model}`" if base_model el
 
 ## Task order
 
-{os.linesep.join(f"{i + 1}. {t}" for i, t in enumerate(tasks))}
+{os.linesep.join(f"{i + 1}. {t}" for i, t in enumerate(labels))}
 
 ## Method and hyper-parameters
 
@@ -153,7 +156,7 @@ continual method **{method}**{f", starting from `{base_model}`" if base_model el
 Row "after X" is the model right after training task X; column Y is the score on task Y. "(start)" is the
 model before any task.
 
-{matrix_markdown(tasks, R, results.get("initial"))}
+{matrix_markdown(labels, R, results.get("initial"))}
 {image}
 ## Stream metrics (points)
 

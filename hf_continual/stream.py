@@ -60,6 +60,8 @@ class StreamResult:
     timings: dict[str, Any]
     config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    #: task name -> what it links, in words ("disease", "species"), from ``Task.info["entity_type"]`` where known
+    entity_types: dict[str, str] = field(default_factory=dict)
     #: the trainer that ran the stream (continue training, save state, write a card); not serialised
     trainer: Any = field(default=None, repr=False, compare=False)
 
@@ -67,6 +69,7 @@ class StreamResult:
         return {
             "method": self.method,
             "tasks": self.tasks,
+            **({"entity_types": self.entity_types} if self.entity_types else {}),
             "metric": self.metric_name,
             "accuracy_matrix": self.accuracy_matrix,
             "initial": self.initial,
@@ -194,6 +197,7 @@ def run_stream(
         timings=timings,
         config=args.to_yaml_dict(),
         extra=dict(extra or {}),
+        entity_types={t.name: t.info["entity_type"] for t in tasks if (t.info or {}).get("entity_type")},
     )
     if save_final_model:  # every rank calls it (a collective on sharded backends); only the main one writes
         trainer.save_model(os.path.join(output_dir, "final"))
@@ -254,7 +258,7 @@ def write_stream_outputs(result: StreamResult, output_dir: str | os.PathLike) ->
     atomic_write_json(os.path.join(output_dir, RESULTS_FILE), result.to_dict())
     title = f"{result.method}: {result.metric_name}"
     plot_heatmap(
-        result.tasks,
+        task_labels(result.to_dict()),
         result.accuracy_matrix,
         os.path.join(output_dir, HEATMAP_FILE),
         title,
@@ -266,6 +270,13 @@ def write_stream_outputs(result: StreamResult, output_dir: str | os.PathLike) ->
         + metrics_markdown(result.metrics)
     )
     atomic_write_text(os.path.join(output_dir, TABLE_FILE), table)
+
+
+def task_labels(results: dict[str, Any]) -> list[str]:
+    """The tasks of a results dict in training order, each with its entity type where known
+    (``"s800-species (species)"``): the row and column labels of tables and heatmaps."""
+    types = results.get("entity_types") or {}
+    return [f"{t} ({types[t]})" if t in types else t for t in results["tasks"]]
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -284,6 +295,6 @@ def summary_text(result: StreamResult | dict[str, Any]) -> str:
     fmt = lambda v: "n/a" if v is None else f"{100 * v:+.2f}"  # noqa: E731
     return (
         f"method: {d['method']}   metric: {d['metric']} (x100)\n"
-        + matrix_text(d["tasks"], d["accuracy_matrix"], d["initial"])
+        + matrix_text(task_labels(d), d["accuracy_matrix"], d["initial"])
         + f"\nACC {100 * m['acc']:.2f}   BWT {fmt(m['bwt'])}   FWT {fmt(m['fwt'])}   forgetting {fmt(m['forgetting'])}"
     )

@@ -84,3 +84,41 @@ def test_card_parses_and_metrics_equal_results(results_dir):
         "(71924 names) (`full/` metrics in results.json)" in text
     )
     assert "- bc5cdr-disease" in text  # no info recorded: listed by name only
+
+
+def test_card_and_tables_name_the_entity_type_of_each_task(tmp_path):
+    """Each task is labelled with what it links, in training order (task list, matrix rows, model-index names,
+    terminal summary); tasks without a recorded type keep their bare name. Fails when the labels are taken in
+    another order than the stream's or the entity types are dropped from results.json."""
+    from hf_continual.stream import load_results, summary_text, task_labels
+
+    tasks = ["s800-species", "ncbi-disease", "toy"]
+    R = [[0.7, 0.5, 0.1], [0.6, 0.9, 0.2], [0.5, 0.8, 0.9]]
+    result = StreamResult(
+        method="none",
+        tasks=tasks,
+        accuracy_matrix=R,
+        initial=[0.1, 0.2, 0.3],
+        metrics=continual_metrics(R, [0.1, 0.2, 0.3]),
+        metric_name="acc@1",
+        details={},
+        timings={},
+        config={"continual_method": "none"},
+        entity_types={"ncbi-disease": "disease", "s800-species": "species"},
+    )
+    write_stream_outputs(result, tmp_path)
+    saved = load_results(tmp_path)
+    labels = ["s800-species (species)", "ncbi-disease (disease)", "toy"]
+    assert task_labels(saved) == labels
+    text = ModelCard.load(write_model_card(tmp_path)).text
+    assert "1. s800-species (species)\n2. ncbi-disease (disease)\n3. toy" in text
+    assert "| after \\ on | s800-species (species) | ncbi-disease (disease) | toy |" in text
+    assert "| ncbi-disease (disease) | 60.0 | 90.0 | 20.0 |" in text
+    names = [r.task_name for r in ModelCard.load(tmp_path / "README.md").data.eval_results[:3]]
+    assert names == [f"{label} (after the last task)" for label in labels]
+    assert summary_text(saved).splitlines()[1].split() == [
+        "after",
+        "\\",
+        "on",
+        *[w for x in labels for w in x.split()],
+    ]
