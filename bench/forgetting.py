@@ -21,7 +21,18 @@ hold the search table and the forgetting table (mean and sample standard deviati
 ``bench/tables.py`` (run by ``make bench`` after every bench) puts this table beside the cost table of the
 other benches in ``bench/results/tables.md``.
 
-Usage: ``HF_HUB_OFFLINE=1 python bench/forgetting.py [--data-dir ../shared/data] [--out bench/results/forgetting]``
+Configurations (``--config``; ``--recipe``/``--out``/``--set`` given explicitly still win):
+
+- ``el3`` (default): the 3-task stream above, ``bench/results/forgetting``;
+- ``species4``: NCBI-disease -> BC5CDR-chemical -> S800-species -> BC5CDR-disease (``recipes/el_stream_species.yaml``:
+  whole training splits; a new entity type in third place), ``bench/results/forgetting_species4``;
+- ``species4_mirror``: the same tasks in the mirror order, ``bench/results/forgetting_species4_mirror``.
+
+``--methods`` runs only the listed test-split methods (and ``alone`` for the tasks trained alone); ``--chosen
+kfac.continual_lambda=1e6`` fixes a method's setting instead of searching it on dev (a run's settings are part of
+its cache key, so a run is reused only when they match).
+
+Usage: ``HF_HUB_OFFLINE=1 python bench/forgetting.py [--config el3] [--data-dir ../shared/data] [--out DIR]``
 """
 
 from __future__ import annotations
@@ -49,6 +60,37 @@ SEARCH: dict[str, tuple[str, list[float]]] = {
 SEEDED = ["none", "ewc", "kfac", "kfac_per_task", "fish"]
 SINGLE = ["online_ewc", "fish+kfac", "replay", "joint"]
 ORDER = ["none", "ewc", "online_ewc", "kfac", "kfac_per_task", "fish", "fish+kfac", "replay", "joint"]
+MIRROR_SPECIES4 = "tasks=[bc5cdr-disease, s800-species, bc5cdr-chemical, ncbi-disease]"
+CONFIGURATIONS: dict[str, dict[str, Any]] = {
+    "el3": {"recipe": "recipes/el_stream_forgetting.yaml", "out": "bench/results/forgetting", "set": []},
+    "species4": {
+        "recipe": "recipes/el_stream_species.yaml",
+        "out": "bench/results/forgetting_species4",
+        "set": [],
+    },
+    "species4_mirror": {
+        "recipe": "recipes/el_stream_species.yaml",
+        "out": "bench/results/forgetting_species4_mirror",
+        "set": [MIRROR_SPECIES4],
+    },
+}
+
+
+def parse_chosen(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["kfac.continual_lambda=1e6", ...]`` -> ``{"kfac": {"continual_lambda": 1e6}}`` (values YAML-typed)."""
+    from hf_continual.config import load_yaml
+
+    chosen: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        method, dot, param = key.partition(".")
+        if not (sep and dot) or method not in SEARCH or param != SEARCH[method][0]:
+            allowed = ", ".join(f"{m}.{p}" for m, (p, _) in SEARCH.items())
+            raise SystemExit(
+                f"--chosen {item!r}: expected METHOD.PARAM=VALUE with METHOD.PARAM one of {allowed}"
+            )
+        chosen.setdefault(method, {})[param] = load_yaml(raw)
+    return chosen
 
 
 def method_overrides(method: str, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -181,9 +223,17 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["mean_initial"] = [statistics.fmean(r["initial"][j] for r in runs) for j in range(T)]
     out["train_s"] = statistics.fmean(sum(r["timings"]["train_s"]) for r in runs)
     out["consolidate_s"] = statistics.fmean(sum(r["timings"]["consolidate_s"]) for r in runs)
+    out["stream_min"] = statistics.fmean(stream_seconds(r) for r in runs) / 60
     out["seeds"] = [r["extra"]["bench"]["seed"] for r in runs]
     out["overrides"] = runs[0]["extra"]["bench"]["overrides"]
     return out
+
+
+def stream_seconds(result: dict[str, Any]) -> float:
+    """Wall seconds of one stream run: every training, consolidation and evaluation, the initial one included."""
+    t = result["timings"]
+    parts = ("train_s", "consolidate_s", "evaluate_s")
+    return t.get("initial_evaluate_s", 0.0) + sum(sum(t.get(k, [])) for k in parts)
 
 
 def fmt(stat: dict[str, Any] | None, scale: float = 100.0) -> str:
@@ -197,7 +247,10 @@ def fmt(stat: dict[str, Any] | None, scale: float = 100.0) -> str:
 def write_markdown(summary: dict[str, Any], path: Path) -> None:
     from hf_continual.state import atomic_write_text
 
-    lines = [f"Budget: {summary['budget']}", "", "Search (dev splits, seed 0; criterion: dev ACC):", ""]
+    lines = [f"Budget: {summary['budget']}", ""]
+    if summary.get("stream"):
+        lines += [f"Stream (training order; the heatmaps and matrices follow it): {summary['stream']}", ""]
+    lines += ["Search (dev splits, seed 0; criterion: dev ACC):", ""]
     lines += ["| method | value | dev ACC | dev BWT | dev forgetting | kept |", "|---|---|---|---|---|---|"]
     for row in summary["search"]:
         m = row["metrics"]
@@ -209,8 +262,8 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
     lines += ["", "Test splits (acc@1 x100; mean ± sample std over seeds):", ""]
     lines += [
         "| method | settings | seeds | ACC | BWT | forgetting | forgetting reduction vs none | final-task acc@1 | "
-        "train s | consolidate s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "train s | consolidate s | minutes per stream |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ORDER:
         agg = summary["methods"].get(name)
@@ -223,7 +276,8 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
         lines.append(
             f"| {name} | {settings} | {len(agg['seeds'])} | {fmt(agg.get('acc'))} | {fmt(agg.get('bwt'))} | "
             f"{fmt(agg.get('forgetting'))} | {'n/a' if red is None else f'{100 * red:.0f}%'} | "
-            f"{fmt(agg['final_task'])} | {agg['train_s']:.0f} | {agg['consolidate_s']:.0f} |"
+            f"{fmt(agg['final_task'])} | {agg['train_s']:.0f} | {agg['consolidate_s']:.0f} | "
+            f"{agg['stream_min']:.0f} |"
         )
     lines += ["", "Each task trained alone from the untouched model (test split, seed 0; acc@1 x100):", ""]
     lines += ["| task | untouched | trained alone |", "|---|---|---|"]
@@ -239,9 +293,24 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default="recipes/el_stream_forgetting.yaml")
+    ap.add_argument("--config", default="el3", choices=list(CONFIGURATIONS), help="stream configuration")
+    ap.add_argument("--recipe", default=None, help="default: the configuration's")
     ap.add_argument("--data-dir", default=None, help="corpora directory (default: the recipe's)")
-    ap.add_argument("--out", default="bench/results/forgetting")
+    ap.add_argument("--out", default=None, help="default: the configuration's")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=[*ORDER, "alone"],
+        help="test-split methods to run ('alone': each task trained alone); default all",
+    )
+    ap.add_argument(
+        "--chosen",
+        action="append",
+        default=[],
+        metavar="METHOD.PARAM=VALUE",
+        help="fix a searched setting instead of searching it on dev, e.g. kfac.continual_lambda=1e6",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override recipe values")
     ap.add_argument("--no-search", action="store_true", help="skip the dev search; use the first grid values")
@@ -258,10 +327,16 @@ def main() -> None:
     from hf_continual.recipe import load_recipe
     from hf_continual.report import plot_heatmap
     from hf_continual.state import atomic_write_json
+    from hf_continual.stream import task_labels
 
-    overrides = list(args.set) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
-    recipe = load_recipe(args.recipe, overrides=overrides)
-    out = Path(args.out)
+    configuration = CONFIGURATIONS[args.config]
+    overrides = (
+        configuration["set"] + list(args.set) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
+    )
+    recipe = load_recipe(args.recipe or configuration["recipe"], overrides=overrides)
+    out = Path(args.out or configuration["out"])
+    fixed = parse_chosen(args.chosen)
+    wanted = set(args.methods or [*ORDER, "alone"])
     out.mkdir(parents=True, exist_ok=True)
     bench = Bench(recipe, out, args.progress, only_finished=args.only_finished)
     t_start = time.perf_counter()
@@ -270,6 +345,11 @@ def main() -> None:
     chosen: dict[str, dict[str, Any]] = {}
     search_rows: list[dict[str, Any]] = []
     for method, (param, grid) in SEARCH.items():
+        if method in fixed:
+            chosen[method] = fixed[method]
+            continue
+        if not any(method in name for name in wanted):  # no wanted method needs this search
+            continue
         if args.no_search:
             chosen[method] = {param: grid[0]}
             continue
@@ -297,7 +377,7 @@ def main() -> None:
                     "kept": value == best,
                 }
             )
-    if not args.no_search:
+    if not args.no_search and search_rows:
         ref = bench.run("dev", "none", args.seeds[0], {"continual_method": "none"})
         if ref is not None:
             search_rows.insert(
@@ -306,7 +386,10 @@ def main() -> None:
 
     # ---- 2. test runs ---------------------------------------------------------------------------------------
     methods: dict[str, Any] = {}
+    labels: list[str] | None = None  # the tasks in training order, with their entity types
     for name in ORDER:
+        if name not in wanted:
+            continue
         seeds = args.seeds if name in SEEDED else args.seeds[:1]
         needs = {"none"} if name in ("none", "replay", "joint") else {m for m in SEARCH if m in name}
         if name == "online_ewc":
@@ -319,8 +402,9 @@ def main() -> None:
             continue
         seeds = [r["extra"]["bench"]["seed"] for r in runs]
         methods[name] = aggregate(runs)
+        labels = task_labels(runs[0])
         plot_heatmap(
-            runs[0]["tasks"],
+            labels,  # training order, with each task's entity type
             methods[name]["mean_R"],
             out / f"heatmap_{name.replace('+', '_')}.png",
             title=f"{name} (mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''})",
@@ -329,7 +413,7 @@ def main() -> None:
 
     # ---- 3. each task trained alone from the untouched model (test split, first seed) -----------------------
     alone = []
-    for i, task_name in enumerate(recipe.tasks):
+    for i, task_name in enumerate(recipe.tasks if "alone" in wanted else []):
         res = bench.run("test", f"alone-{task_name}", args.seeds[0], {"continual_method": "none"}, only=i)
         if res is None:
             continue
@@ -350,13 +434,15 @@ def main() -> None:
     opts = recipe.task_options
     tr = recipe.training
     budget = (
-        f"{recipe.name}: {opts.get('max_train_mentions')} training mentions per task (deduplicated examples), "
+        f"{recipe.name}: {opts.get('max_train_mentions') or 'all'} training mentions per task (deduplicated examples), "
         f"{tr.get('num_train_epochs')} epoch(s), lr {tr.get('learning_rate')}, batch {tr.get('per_device_train_batch_size')}, "
         f"{opts.get('max_eval_mentions')} evaluated mentions per task and split, candidate set "
         f"{opts.get('candidate_gold', 'all_splits')} + {opts.get('num_other_candidates', 20000)} sampled names"
     )
     summary = {
+        "configuration": args.config,
         "budget": budget,
+        "stream": None if labels is None else " -> ".join(labels),
         "recipe": recipe.resolved(),
         "search_grid": {m: {"param": p, "values": g} for m, (p, g) in SEARCH.items()},
         "chosen": chosen,
