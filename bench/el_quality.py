@@ -176,6 +176,7 @@ def with_id(metrics: dict[str, float], prefix: str = "full/") -> str:
 
 def summarize(out: Path, records: list[dict[str, Any]], settings: dict[str, Any]) -> None:
     from hf_continual.state import atomic_write_json, atomic_write_text
+    from hf_continual.tasks.entity_linking import TASK_REGISTRY
 
     lines = [
         f"acc@1 / acc@5 x100 on the whole {settings['split']} split of each task, trained alone ({settings['epochs']}"
@@ -199,8 +200,9 @@ def summarize(out: Path, records: list[dict[str, Any]], settings: dict[str, Any]
             goal is not None and "full/acc@1" in m and r["ingredients"]["train"]
         ):  # the goal is for a trained linker
             reached = " met" if m["full/acc@1"] >= goal else " not met"
+        entity = r["stats"].get("entity_type") or getattr(TASK_REGISTRY.get(r["task"]), "entity_type", None)
         lines.append(
-            f"| {r['task']} | {r['config']} | {fmt(m, 'acc@1')} | {fmt(m, 'acc@5')} | {fmt(m, 'full/acc@1')} | "
+            f"| {r['task']}{f' ({entity})' if entity else ''} | {r['config']} | {fmt(m, 'acc@1')} | {fmt(m, 'acc@5')} | {fmt(m, 'full/acc@1')} | "
             f"{fmt(m, 'full/acc@5')} | {'-' if goal is None else f'{100 * goal:.0f}'}{reached} | {with_id(m)} | {r['seconds']['train']:.0f} | "
             f"{int(m['mentions'])} | {int(m['unlinkable'])} | "
             f"{int(m.get('full/not_in_dictionary', m['not_in_dictionary']))} |"
