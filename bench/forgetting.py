@@ -129,6 +129,9 @@ class Bench:
         self.recipe = recipe
         self.only_finished = only_finished
         self.missing: list[str] = []
+        self.partial: list[
+            dict[str, Any]
+        ] = []  # unfinished runs: the rows of R saved after each finished task
         self.out = out
         self.show_progress = show_progress
         self._tasks: dict[str, list[Any]] = {}
@@ -152,6 +155,23 @@ class Bench:
                 t.evaluator.cache_size = max(t.evaluator.cache_size, len(tasks) + 1)
             self._tasks[split] = tasks
         return self._tasks[split]
+
+    def _note_partial(self, run_dir: Path, label: str) -> None:
+        """Record the rows of R an unfinished run saved so far (``progress/progress.json``), if any."""
+        for sub in ("progress", "progress.old"):
+            path = run_dir / sub / "progress.json"
+            if path.is_file():
+                record = json.loads(path.read_text())
+                self.partial.append(
+                    {
+                        "run": label,
+                        "tasks_done": len(record["R"]),
+                        "initial": record["initial"],
+                        "R": record["R"],
+                        "timings": record["timings"],
+                    }
+                )
+                return
 
     def run(
         self, split: str, name: str, seed: int, overrides: dict[str, Any], only: int | None = None
@@ -177,6 +197,7 @@ class Bench:
             shutil.rmtree(run_dir)
         if self.only_finished:
             self.missing.append(f"{split}/{name}/seed{seed}")
+            self._note_partial(run_dir, f"{split}/{name}/seed{seed}")
             return None
         tasks = self.tasks(split) if only is None else self.tasks(split)[only : only + 1]
         print(f"\n=== {split} {name} seed {seed} {overrides}", flush=True)
@@ -226,6 +247,19 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["stream_min"] = statistics.fmean(stream_seconds(r) for r in runs) / 60
     out["seeds"] = [r["extra"]["bench"]["seed"] for r in runs]
     out["overrides"] = runs[0]["extra"]["bench"]["overrides"]
+    return out
+
+
+def entity_types_of(recipe: Any) -> dict[str, str]:
+    """Task name -> entity type from the corpus declarations (recipe corpora, then the built-in registry)."""
+    from hf_continual.tasks.entity_linking import resolve_corpus
+
+    out = {}
+    for name in recipe.tasks:
+        try:
+            out[name] = resolve_corpus(name, recipe.corpora).entity_type
+        except KeyError:
+            pass
     return out
 
 
@@ -285,6 +319,21 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
         lines.append(f"| {row['task']} | {100 * row['initial']:.1f} | {100 * row['trained']:.1f} |")
     if summary.get("missing_runs"):
         lines += ["", "Not finished (not in the tables): " + ", ".join(summary["missing_runs"])]
+    for part in summary.get("partial_runs") or []:
+        minutes = stream_seconds(part) / 60
+        lines += [
+            "",
+            f"Unfinished run {part['run']}: {part['tasks_done']} task(s) of the stream done ({minutes:.0f} min so far); "
+            "acc@1 x100, rows = after each finished task, columns = tasks in training order:",
+            "",
+            "| after \\ on | " + " | ".join(summary["tasks"]) + " |",
+            "|---|" + "---|" * len(summary["tasks"]),
+            "| (start) | " + " | ".join(f"{100 * v:.1f}" for v in part["initial"]) + " |",
+        ]
+        lines += [
+            f"| {summary['tasks'][i]} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |"
+            for i, row in enumerate(part["R"])
+        ]
     note = summary.get("reduction_note")
     if note:
         lines += ["", note]
@@ -439,10 +488,13 @@ def main() -> None:
         f"{opts.get('max_eval_mentions')} evaluated mentions per task and split, candidate set "
         f"{opts.get('candidate_gold', 'all_splits')} + {opts.get('num_other_candidates', 20000)} sampled names"
     )
+    if labels is None:  # no finished run yet: the recipe's order, entity types from the corpus declarations
+        labels = task_labels({"tasks": recipe.tasks, "entity_types": entity_types_of(recipe)})
     summary = {
         "configuration": args.config,
         "budget": budget,
-        "stream": None if labels is None else " -> ".join(labels),
+        "stream": " -> ".join(labels),
+        "tasks": labels,
         "recipe": recipe.resolved(),
         "search_grid": {m: {"param": p, "values": g} for m, (p, g) in SEARCH.items()},
         "chosen": chosen,
@@ -451,6 +503,7 @@ def main() -> None:
         "reduction_note": note,
         "alone": alone,
         "missing_runs": bench.missing,
+        "partial_runs": bench.partial,
         "published_anchor": "on BERT, K-FAC cut forgetting by 51% and diagonal EWC by 27%",
         "wall_s_this_invocation": time.perf_counter() - t_start,
     }
