@@ -18,7 +18,7 @@ import torch
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import ContinualConfig
-from .metrics import continual_metrics
+from .metrics import load_evaluate_module
 from .report import matrix_markdown, matrix_text, metrics_markdown, plot_heatmap
 from .state import atomic_write_json, atomic_write_text
 from .trainer import ContinualTrainer
@@ -188,7 +188,7 @@ def run_stream(
         tasks=names,
         accuracy_matrix=R,
         initial=initial,
-        metrics=continual_metrics(R, initial),
+        metrics=load_evaluate_module("continual_metrics").compute(accuracy_matrix=R, initial=initial),
         metric_name=metric_names.pop() if len(metric_names) == 1 else "mixed",
         details=details,
         timings=timings,
