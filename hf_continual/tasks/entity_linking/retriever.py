@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.feature_extraction.text import TfidfVectorizer
 
 
 class TfidfRetriever:
@@ -18,6 +17,8 @@ class TfidfRetriever:
     def __init__(
         self, names: Sequence[str], ngram_range: tuple[int, int] = (3, 3), max_block_cells: int = 20_000_000
     ) -> None:
+        from sklearn.feature_extraction.text import TfidfVectorizer  # here: importing sklearn takes seconds
+
         self.names = list(names)
         self.vectorizer = TfidfVectorizer(
             analyzer="char_wb", ngram_range=ngram_range, lowercase=True, dtype=np.float32
