@@ -40,6 +40,9 @@ RECIPE_KEYS = {
     "description",
 }
 PACKAGED_MODEL = "minilm"
+#: a recipe's Trainer checkpoints (overridable in ``training``): what ``hf-continual run --resume`` continues
+#: from inside a task; one checkpoint kept per task directory
+CHECKPOINT_DEFAULTS = {"save_strategy": "steps", "save_steps": 200, "save_total_limit": 1}
 
 
 class RecipeError(ValueError):
@@ -108,7 +111,7 @@ class Recipe:
         values = {
             "output_dir": self.output_dir,
             "report_to": "none",
-            "save_strategy": "no",
+            **CHECKPOINT_DEFAULTS,
             **self.training,
             **extra,
         }
