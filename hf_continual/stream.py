@@ -259,6 +259,7 @@ def write_stream_outputs(result: StreamResult, output_dir: str | os.PathLike) ->
         os.path.join(output_dir, HEATMAP_FILE),
         title,
         result.metric_name,
+        initial=result.initial,
     )
     table = (
         matrix_markdown(result.tasks, result.accuracy_matrix, result.initial)
