@@ -48,11 +48,40 @@ def test_help_documents_every_option(capsys):
         ),
         ("- just a list\n", "a recipe is a YAML mapping"),
         ("tasks: [toy]\nscale: -1\n", "'scale' must be a positive number"),
+        # values of the wrong type: the file and the key are named
+        (
+            "tasks: [toy]\ntraining: {learning_rate: abc}\n",
+            "r.yaml: training.learning_rate: expected float, got 'abc' (str)",
+        ),
+        ("tasks: [toy]\ntraining: {fp16: 1}\n", "r.yaml: training.fp16: expected bool, got 1 (int)"),
+        (
+            "tasks: [toy]\ntraining: {save_strategy: no}\n",
+            "training.save_strategy: expected SaveStrategy or str",
+        ),
+        (
+            "tasks: [toy]\ntask_options: {max_train_mentions: many}\n",
+            "r.yaml: task_options.max_train_mentions: expected int or null, got 'many'",
+        ),
+        ("tasks: [toy]\ntask_options: {split: train}\n", "task_options.split: expected one of 'test', 'dev'"),
+        ("tasks: [toy]\nsave_model: maybe\n", "r.yaml: save_model: expected bool, got 'maybe' (str)"),
     ],
 )
 def test_bad_recipes_exit_2_with_a_clear_message(tmp_path, capsys, text, message):
     assert main(["run", _recipe(tmp_path, text)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_set_value_of_the_wrong_type_exits_2_naming_the_file_key_and_item(tmp_path, capsys):
+    """(Before: ``learning_rate: abc`` reached torch's Adam and ended in a TypeError, exit 1.)"""
+    recipe = _recipe(tmp_path, "tasks: [toy]\n")
+    assert main(["run", recipe, "--set", "learning_rate=abc"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "r.yaml: training.learning_rate: expected float, got 'abc' (str) (from --set learning_rate=abc)"
+        in err
+    )
+    assert main(["run", recipe, "--set", "logging_strategy=no"]) == 2
+    assert "quote the value" in capsys.readouterr().err
 
 
 def test_missing_recipe_file(tmp_path, capsys):
