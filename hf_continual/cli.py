@@ -13,6 +13,7 @@ Exit codes: 0 success; 1 the run failed; 2 bad command line or recipe (unknown k
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -218,10 +219,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Log records to the current ``sys.stderr`` (looked up at each record, so a replaced stderr is followed)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _log_to_stderr() -> None:
+    """INFO lines of the package (task boundaries, ...) on stderr, once per process."""
+    log = logging.getLogger("hf_continual")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s hf-continual: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
     from .recipe import RecipeError
 
     ns = build_parser().parse_args(argv)
+    _log_to_stderr()
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if getattr(ns, "no_progress", False):
+        hf_logging.disable_progress_bar()  # the one switch of every progress bar (hf_continual.progress)
     try:
         return ns.func(ns)
     except RecipeError as err:
@@ -230,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
         print(f"hf-continual: {ns.command} failed: {err}", file=sys.stderr)
         return 1
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -22,6 +23,8 @@ from .metrics import load_evaluate_module
 from .report import matrix_markdown, matrix_text, metrics_markdown, plot_heatmap
 from .state import atomic_write_json, atomic_write_text
 from .trainer import ContinualTrainer
+
+logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 HEATMAP_FILE = "accuracy_matrix.png"
@@ -173,6 +176,8 @@ def run_stream(
         t0 = time.perf_counter()
         trainer.end_task(task.train_dataset, task_name=task.name)
         timings["consolidate_s"].append(time.perf_counter() - t0)
+        if trainer.is_world_process_zero():
+            _log_task_boundary(i, tasks, trainer, timings)
         t0 = time.perf_counter()
         row, row_details = evaluate_all(tasks, trainer.model)
         timings["evaluate_s"].append(time.perf_counter() - t0)
@@ -201,6 +206,29 @@ def run_stream(
         write_stream_outputs(result, output_dir)
     result.trainer = trainer
     return result
+
+
+def _log_task_boundary(
+    i: int, tasks: Sequence[Task], trainer: ContinualTrainer, timings: dict[str, Any]
+) -> None:
+    """One INFO line per finished task: examples, optimizer steps, times, size of the continual state."""
+    dataset = tasks[i].train_dataset
+    examples = len(dataset) if hasattr(dataset, "__len__") else "?"
+    tensors, _ = trainer.continual_state()
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    logger.info(
+        "task %d/%d %s: %s examples, %d steps, train %.1f s, consolidation %.1f s, continual state %d bytes "
+        "(%.1f MB)",
+        i + 1,
+        len(tasks),
+        tasks[i].name,
+        examples,
+        trainer.state.global_step,
+        timings["train_s"][-1],
+        timings["consolidate_s"][-1],
+        nbytes,
+        nbytes / 1e6,
+    )
 
 
 PROGRESS_DIR = "progress"

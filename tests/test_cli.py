@@ -118,7 +118,12 @@ def test_run_toy_recipe_writes_results_card_and_state(tmp_path, capsys):
     assert final_scores == pytest.approx(dict(zip(results["tasks"], results["accuracy_matrix"][-1])))
     assert (out / "final" / "continual_state.safetensors").is_file()
     assert (out / "final" / "accuracy_matrix.png").is_file()
-    assert "ACC" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "ACC" in captured.out
+    # one log line per task boundary (examples, steps, times, continual state size)
+    boundaries = [line for line in captured.err.splitlines() if "hf-continual: task " in line]
+    assert len(boundaries) == 3 and "task 3/3 toy-b: 256 examples, 16 steps" in boundaries[-1]
+    assert "continual state" in boundaries[-1]
     assert main(["card", str(out)]) == 0
     assert (out / "README.md").is_file()
 

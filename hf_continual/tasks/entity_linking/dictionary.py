@@ -50,8 +50,14 @@ class Dictionary:
     """
 
     def __init__(
-        self, entries: Iterable[DictionaryEntry | tuple[str, Sequence[str]]], source: str = ""
+        self,
+        entries: Iterable[DictionaryEntry | tuple[str, Sequence[str]]],
+        source: str = "",
+        show_progress: bool | None = False,
     ) -> None:
+        """``show_progress``: a bar while the names are indexed (see :mod:`hf_continual.progress`)."""
+        from ...progress import progress
+
         self.source = source
         self.entries: list[DictionaryEntry] = [
             e if isinstance(e, DictionaryEntry) else DictionaryEntry(e[0], tuple(e[1])) for e in entries
@@ -59,7 +65,7 @@ class Dictionary:
         index: dict[str, int] = {}
         self.names: list[str] = []
         ids_per_name: list[list[str]] = []
-        for entry in self.entries:
+        for entry in progress(self.entries, desc="indexing names", show=show_progress, unit="name"):
             norm = normalize_name(entry.name)
             if not norm:
                 continue
@@ -225,14 +231,33 @@ def iter_tsv_entries(
         raise DictionaryFormatError(source, 1, "empty TSV vocabulary (no header line)")
 
 
-def load_dictionary(path: str | Path, **tsv_columns: str | None) -> Dictionary:
+def _progress_lines(handle: io.TextIOBase, path: Path, show: bool | None) -> Iterator[str]:
+    """The lines of ``handle`` with a progress bar over the file's bytes (compressed bytes for ``.gz``)."""
+    from ...progress import progress
+
+    buffer = getattr(handle, "buffer", None)
+    raw = getattr(buffer, "fileobj", None) or buffer  # GzipFile reads from .fileobj
+    total = path.stat().st_size
+    with progress(desc=f"loading {path.name}", show=show, total=total, unit="B", unit_scale=True) as bar:
+        for n, line in enumerate(handle):
+            yield line
+            if raw is not None and n % 8192 == 0:
+                bar.update(raw.tell() - bar.n)
+        bar.update(total - bar.n)
+
+
+def load_dictionary(
+    path: str | Path, *, show_progress: bool | None = None, **tsv_columns: str | None
+) -> Dictionary:
     """Load any supported vocabulary file: ``*.tsv``/``*.tsv.gz`` -> :func:`iter_tsv_entries` (keyword
-    arguments override the column names), anything else -> :func:`iter_medic_entries`."""
+    arguments override the column names), anything else -> :func:`iter_medic_entries`. ``show_progress``:
+    see :mod:`hf_continual.progress` (default: a bar on a terminal)."""
     path = Path(path)
     suffixes = [s.lower() for s in path.suffixes]
-    with _open_text(path) as handle:
+    with _open_text(path) as text:
+        handle = _progress_lines(text, path, show_progress)
         if ".tsv" in suffixes:
             entries = list(iter_tsv_entries(handle, source=path, **tsv_columns))
         else:
             entries = list(iter_medic_entries(handle, source=path))
-    return Dictionary(entries, source=str(path))
+    return Dictionary(entries, source=str(path), show_progress=show_progress)
