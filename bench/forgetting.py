@@ -17,7 +17,8 @@ Every run writes ``OUT/runs/<split>/<method>/seed<k>/results.json`` (+ heatmap a
 results.json exists with the same settings and recipe budget is not repeated (with others it is run again), and
 an interrupted run resumes from its last finished task. At the end ``OUT/summary.json`` and ``OUT/summary.md``
 hold the search table and the forgetting table (mean and sample standard deviation over seeds) and
-``OUT/heatmap_<method>.png`` the seed-mean accuracy matrices;
+``OUT/heatmap_<method>.png`` the seed-mean accuracy matrices (with the start row and the change from each
+task's own score; ``--replot`` redraws them from ``summary.json`` alone);
 ``bench/tables.py`` (run by ``make bench`` after every bench) puts this table beside the cost table of the
 other benches in ``bench/results/tables.md``.
 
@@ -270,6 +271,43 @@ def stream_seconds(result: dict[str, Any]) -> float:
     return t.get("initial_evaluate_s", 0.0) + sum(sum(t.get(k, [])) for k in parts)
 
 
+def plot_method_heatmaps(out: Path, tasks: list[str], methods: dict[str, dict[str, Any]]) -> None:
+    """``OUT/heatmap_<method>.png``: the seed-mean R with the start row and the change-from-own-score panel,
+    whose colour scale is shared by all methods (the largest change after training in any of them)."""
+    from hf_continual.report import forgetting_deltas
+
+    span = max(
+        (
+            abs(d[i][j])
+            for agg in methods.values()
+            for d in [forgetting_deltas(agg["mean_R"])]
+            for i in range(len(d))
+            for j in range(i + 1)
+        ),
+        default=None,
+    )
+    for name, agg in methods.items():
+        plot_method_heatmap(out, name, tasks, agg, span)
+
+
+def plot_method_heatmap(
+    out: Path, name: str, tasks: list[str], agg: dict[str, Any], delta_range: float | None = None
+) -> None:
+    """``OUT/heatmap_<method>.png`` of one method (see :func:`plot_method_heatmaps`)."""
+    from hf_continual.report import plot_heatmap
+
+    n = len(agg["seeds"])
+    plot_heatmap(
+        tasks,
+        agg["mean_R"],
+        out / f"heatmap_{name.replace('+', '_')}.png",
+        title=f"{name} (mean of {n} seed{'s' if n > 1 else ''})",
+        metric_name="acc@1",
+        initial=agg["mean_initial"],
+        delta_range=delta_range,
+    )
+
+
 def fmt(stat: dict[str, Any] | None, scale: float = 100.0) -> str:
     if not stat:
         return "n/a"
@@ -369,12 +407,23 @@ def main() -> None:
         action="store_true",
         help="start no run: aggregate the runs already on disk and list the missing ones",
     )
+    ap.add_argument(
+        "--replot",
+        action="store_true",
+        help="only redraw OUT/heatmap_<method>.png from OUT/summary.json (no run, no aggregation)",
+    )
     args = ap.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if args.replot:
+        summary = json.loads((Path(args.out) / "summary.json").read_text())
+        plot_method_heatmaps(
+            Path(args.out), summary.get("tasks") or summary["recipe"]["tasks"], summary["methods"]
+        )
+        print(f"redrew {len(summary['methods'])} heatmaps in {args.out}")
+        return
     from hf_continual.metrics import forgetting_reduction
     from hf_continual.recipe import load_recipe
-    from hf_continual.report import plot_heatmap
     from hf_continual.state import atomic_write_json
     from hf_continual.stream import task_labels
 
@@ -451,14 +500,7 @@ def main() -> None:
             continue
         seeds = [r["extra"]["bench"]["seed"] for r in runs]
         methods[name] = aggregate(runs)
-        labels = task_labels(runs[0])
-        plot_heatmap(
-            labels,  # training order, with each task's entity type
-            methods[name]["mean_R"],
-            out / f"heatmap_{name.replace('+', '_')}.png",
-            title=f"{name} (mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''})",
-            metric_name="acc@1",
-        )
+        labels = task_labels(runs[0])  # training order, with each task's entity type
 
     # ---- 3. each task trained alone from the untouched model (test split, first seed) -----------------------
     alone = []
@@ -470,6 +512,8 @@ def main() -> None:
             {"task": task_name, "initial": res["initial"][0], "trained": res["accuracy_matrix"][0][0]}
         )
 
+    if methods:
+        plot_method_heatmaps(out, labels, methods)
     base_f = methods["none"]["forgetting"]["mean"] if "none" in methods else 0.0
     note = None
     for name, agg in methods.items():

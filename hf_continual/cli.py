@@ -13,6 +13,7 @@ Exit codes: 0 success; 1 the run failed; 2 bad command line or recipe (unknown k
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -29,8 +30,12 @@ def _base_model_name(model: str) -> str:
     return PACKAGED_BASE if model == "minilm" else model
 
 
-def run_recipe(recipe, show_progress: bool = True) -> dict[str, Any]:
-    """Run one recipe end to end; returns the results dict (also written to ``recipe.output_dir``)."""
+def run_recipe(recipe, show_progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Run one recipe end to end; returns the results dict (also written to ``recipe.output_dir``).
+
+    ``resume=True`` continues a killed run in the same output directory: finished tasks are skipped and the
+    interrupted one goes on from its last Trainer checkpoint (see :func:`~hf_continual.stream.run_stream`).
+    """
     from .modelcard import write_model_card
     from .recipe import build_stream
     from .stream import RESULTS_FILE, run_stream, write_stream_outputs
@@ -39,7 +44,13 @@ def run_recipe(recipe, show_progress: bool = True) -> dict[str, Any]:
     args = recipe.config(disable_tqdm=not show_progress)
     extra = {"recipe": recipe.resolved(), "tasks_info": {t.name: getattr(t, "info", {}) for t in tasks}}
     result = run_stream(
-        model, tasks, args, output_dir=recipe.output_dir, extra=extra, save_final_model=recipe.save_model
+        model,
+        tasks,
+        args,
+        output_dir=recipe.output_dir,
+        extra=extra,
+        save_final_model=recipe.save_model,
+        resume=resume,
     )
     if result.trainer.is_world_process_zero():
         base = _base_model_name(recipe.model)
@@ -71,7 +82,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     from .stream import summary_text
 
     recipe = load_recipe(ns.recipe, overrides=ns.set, method=ns.method, output_dir=ns.output_dir)
-    results = run_recipe(recipe, show_progress=not ns.no_progress)
+    results = run_recipe(recipe, show_progress=not ns.no_progress, resume=ns.resume)
     print(summary_text(results))
     return 0
 
@@ -150,6 +161,8 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .recipe import CHECKPOINT_DEFAULTS
+
     parser = argparse.ArgumentParser(
         prog="hf-continual", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -170,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a value: bare keys are ContinualConfig fields (continual_lambda=100), dotted "
         "keys address a section (task_options.max_train_mentions=200); repeatable",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed run in the same output directory: finished tasks are kept, the interrupted "
+        f"task goes on from its last checkpoint (recipes save one every {CHECKPOINT_DEFAULTS['save_steps']} "
+        "steps unless training.save_steps/save_strategy say otherwise)",
     )
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.set_defaults(func=_cmd_run)
@@ -199,10 +219,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Log records to the current ``sys.stderr`` (looked up at each record, so a replaced stderr is followed)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _log_to_stderr() -> None:
+    """INFO lines of the package (task boundaries, ...) on stderr, once per process."""
+    log = logging.getLogger("hf_continual")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s hf-continual: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
     from .recipe import RecipeError
 
     ns = build_parser().parse_args(argv)
+    _log_to_stderr()
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if getattr(ns, "no_progress", False):
+        hf_logging.disable_progress_bar()  # the one switch of every progress bar (hf_continual.progress)
     try:
         return ns.func(ns)
     except RecipeError as err:
@@ -211,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
         print(f"hf-continual: {ns.command} failed: {err}", file=sys.stderr)
         return 1
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

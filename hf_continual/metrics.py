@@ -10,12 +10,25 @@ Convention (one place, used everywhere): ``R[i][j]`` is the score on task ``j`` 
 * forgetting reduction of a method = 1 - forgetting(method) / forgetting(plain sequential fine-tuning)
 
 Metrics that average over an empty set (BWT/forgetting with T=1, FWT with T=1) are ``None``.
+
+The same metrics are shipped as ``evaluate`` modules inside the package (``evaluate_modules/``; loaded by
+path, offline): ``continual_metrics`` (this file's :func:`continual_metrics`) and ``entity_linking_accuracy``
+(acc@k, :func:`hf_continual.tasks.entity_linking.evaluation.accuracy_at_k`). They call these functions, so
+there is one implementation; see :func:`load_evaluate_module`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import evaluate
+
+EVALUATE_MODULES_DIR = Path(__file__).resolve().parent / "evaluate_modules"
+EVALUATE_MODULES = ("continual_metrics", "entity_linking_accuracy")
 
 Matrix = Sequence[Sequence[float]]
 
@@ -88,3 +101,17 @@ def continual_metrics(R: Matrix, b: Sequence[float] | None = None) -> dict[str, 
         "fwt": forward_transfer(R, b) if b is not None else None,
         "forgetting": forgetting(R),
     }
+
+
+def evaluate_module_path(name: str) -> str:
+    """Directory of a packaged ``evaluate`` module (``evaluate.load(path)`` works offline on it)."""
+    if name not in EVALUATE_MODULES:
+        raise ValueError(f"unknown evaluate module {name!r}; packaged: {', '.join(EVALUATE_MODULES)}")
+    return str(EVALUATE_MODULES_DIR / name)
+
+
+def load_evaluate_module(name: str) -> evaluate.EvaluationModule:
+    """``evaluate.load`` of a packaged module, kept in memory (no cache files; one process computes alone)."""
+    import evaluate
+
+    return evaluate.load(evaluate_module_path(name), keep_in_memory=True)

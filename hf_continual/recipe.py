@@ -26,8 +26,11 @@ save_model: true              # write the final model + continual state + model 
 from __future__ import annotations
 
 import copy
+import enum
 import inspect
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,9 @@ RECIPE_KEYS = {
     "description",
 }
 PACKAGED_MODEL = "minilm"
+#: a recipe's Trainer checkpoints (overridable in ``training``): what ``hf-continual run --resume`` continues
+#: from inside a task; one checkpoint kept per task directory
+CHECKPOINT_DEFAULTS = {"save_strategy": "steps", "save_steps": 200, "save_total_limit": 1}
 
 
 class RecipeError(ValueError):
@@ -120,7 +126,7 @@ class Recipe:
         values = {
             "output_dir": self.output_dir,
             "report_to": "none",
-            "save_strategy": "no",
+            **CHECKPOINT_DEFAULTS,
             **self.training,
             **extra,
         }
@@ -163,6 +169,7 @@ def load_recipe(
     if not isinstance(values, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(values).__name__}")
     values = apply_overrides(values, overrides or [])
+    origins = _override_origins(overrides or [])
     if method is not None:
         values.setdefault("training", {})["continual_method"] = method
     if output_dir is not None:
@@ -172,6 +179,7 @@ def load_recipe(
         raise RecipeError(
             f"{path}: unknown recipe key(s): {', '.join(unknown)}; known: {', '.join(sorted(RECIPE_KEYS))}"
         )
+    _check_types(path, "", values, TOP_LEVEL_TYPES, origins)
     tasks = values.get("tasks")
     if not tasks or not isinstance(tasks, list):
         raise RecipeError(f"{path}: 'tasks' must be a non-empty list of task names")
@@ -189,7 +197,9 @@ def load_recipe(
         )
     task_options = dict(values.get("task_options") or {})
     _check_task_options(path, task_options)
+    _check_types(path, "task_options", task_options, _hints(_task_builder()), origins)
     training = dict(values.get("training") or {})
+    _check_types(path, "training", training, _hints(ContinualConfig), origins)
     scale = values.get("scale")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
         raise RecipeError(f"{path}: 'scale' must be a positive number, got {scale!r}")
@@ -277,3 +287,99 @@ def build_stream(recipe: Recipe, show_progress: bool = True) -> tuple[Any, list[
         for name in recipe.tasks
     ]
     return model, tasks
+
+
+# ---- value types -----------------------------------------------------------------------------------------
+#: types of the top-level recipe keys (sections are checked against ContinualConfig / the task builder)
+TOP_LEVEL_TYPES: dict[str, Any] = {
+    "name": str,
+    "model": str,
+    "num_hidden_layers": int | None,
+    "scale": float | None,
+    "data_dir": str | None,
+    "tasks": list,
+    "task_options": dict | None,
+    "training": dict | None,
+    "output_dir": str | None,
+    "save_model": bool,
+    "description": str | None,
+}
+
+
+def _task_builder() -> Any:
+    from .tasks.entity_linking import build_entity_linking_task
+
+    return build_entity_linking_task
+
+
+def _hints(obj: Any) -> dict[str, Any]:
+    """Resolved type annotations of a class or function ({} when they cannot be resolved)."""
+    try:
+        return typing.get_type_hints(obj)
+    except Exception:  # an annotation that cannot be evaluated here: leave the check to the consumer
+        return {}
+
+
+def _override_origins(overrides: list[str]) -> dict[str, str]:
+    """``section.key`` (or ``key`` at the top level) -> the ``--set`` item that gave it its value."""
+    out = {}
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if "." not in key and key not in RECIPE_KEYS:
+            key = f"training.{key}"
+        out[key] = item
+    return out
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` (as read from YAML) fits the annotation ``tp``; unknown annotations accept anything."""
+    if tp is Any or tp is object:
+        return True
+    if tp is type(None):
+        return value is None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin is not None:
+        tp = origin  # list[str] -> list, dict[str, Any] -> dict
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return isinstance(value, tp) or value in {m.value for m in tp}
+    if tp in (str, list, dict, tuple):
+        return isinstance(value, tp)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_types(
+    path: Path, section: str, values: dict[str, Any], hints: dict[str, Any], origins: dict[str, str]
+) -> None:
+    """A :class:`RecipeError` naming the file, the key (and the ``--set`` item) for a value of the wrong type."""
+    for key, value in values.items():
+        if key not in hints or _matches(value, hints[key]):
+            continue
+        name = f"{section}.{key}" if section else key
+        hint = ""
+        if isinstance(value, bool) and _matches("no", hints[key]):
+            hint = " (YAML reads yes/no/on/off as booleans: quote the value, e.g. 'no')"
+        origin = f" (from --set {origins[name]})" if name in origins else ""
+        raise RecipeError(
+            f"{path}: {name}: expected {_type_name(hints[key])}, got {value!r} ({type(value).__name__}){origin}{hint}"
+        )

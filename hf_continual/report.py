@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import matplotlib.figure
 
 
 def matrix_markdown(
@@ -48,6 +52,78 @@ def matrix_text(
     return "\n".join(out)
 
 
+def forgetting_deltas(R: Sequence[Sequence[float]], b: Sequence[float] | None = None) -> list[list[float]]:
+    """``R[i][j] - R[j][j]``: each score relative to the task's own score right after training it (rows as in
+    :func:`matrix_markdown`: ``b[j] - R[j][j]`` first when ``b`` is given). Entries with ``i >= j`` show
+    what training later tasks did to task ``j`` (negative: forgetting)."""
+    rows = ([list(b)] if b is not None else []) + [list(r) for r in R]
+    return [[v - R[j][j] for j, v in enumerate(row)] for row in rows]
+
+
+def heatmap_figure(
+    tasks: Sequence[str],
+    R: Sequence[Sequence[float]],
+    title: str = "",
+    metric_name: str = "score",
+    scale: float = 100.0,
+    initial: Sequence[float] | None = None,
+    delta_range: float | None = None,
+) -> matplotlib.figure.Figure:
+    """A two-panel heatmap figure of R (rows: the start ``b`` when given, then after training
+    task i; columns: evaluated on task j).
+
+    Left: the scores (0-100 colour scale). Right: the change from each task's own score ``R[j][j]``
+    (:func:`forgetting_deltas`) on a diverging scale centred at 0 (red: below, blue: above), its range set by
+    the cells after task j was trained (or ``+-delta_range``, in the units of R: one scale for several plots
+    that are compared); cells from before that (the start row, above the diagonal) are grey.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    T = len(tasks)
+    start = initial is not None
+    rows = ([list(initial)] if start else []) + [list(r) for r in R]
+    data = np.asarray(rows, dtype=float) * scale
+    delta = np.asarray(forgetting_deltas(R, initial), dtype=float) * scale
+    stage = np.arange(len(rows))[:, None] - int(start)  # training stage i of each row (-1: the start)
+    before = stage < np.arange(T)[None, :]  # task j not trained yet at that row
+    labels = (["start"] if start else []) + [f"after {t}" for t in tasks]
+
+    width = 1.3 + 1.15 * T
+    fig, (ax, ax_d) = plt.subplots(1, 2, figsize=(2 * width + 0.6, 1.4 + 0.75 * len(rows)))
+    im = ax.imshow(data, cmap="viridis", vmin=min(0.0, float(data.min())), vmax=max(scale, float(data.max())))
+    span = delta_range * scale if delta_range is not None else float(np.abs(delta[~before]).max())
+    span = max(span, 0.01 * scale)  # a stream without forgetting still gets a readable scale
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="#d9d9d9")
+    im_d = ax_d.imshow(np.ma.masked_array(delta, mask=before), cmap=cmap, norm=TwoSlopeNorm(0.0, -span, span))
+    for axis, values, sign in ((ax, data, ""), (ax_d, delta, "+")):
+        axis.set_xticks(range(T), labels=list(tasks), rotation=30, ha="right")
+        axis.set_yticks(range(len(rows)), labels=labels if axis is ax else [])
+        axis.set_xlabel(f"evaluated on ({metric_name})")
+        for i in range(len(rows)):
+            for j in range(T):
+                v = values[i, j]
+                if axis is ax:
+                    color = "w" if v < 0.6 * scale else "k"
+                else:
+                    color = "#707070" if before[i, j] else ("w" if abs(v) > 0.6 * span else "k")
+                axis.text(j, i, f"{v:{sign}.1f}", ha="center", va="center", color=color, fontsize=9)
+    for j in range(T):  # the reference cells R[j][j]
+        ax_d.add_patch(plt.Rectangle((j - 0.5, j + int(start) - 0.5), 1, 1, fill=False, lw=1.5, ec="k"))
+    ax.set_title(title or f"{metric_name} (x{scale:g})", fontsize=10)
+    ax_d.set_title(
+        "change from the task's own score R[j][j]\n(red: forgotten; grey: not trained yet)", fontsize=10
+    )
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.colorbar(im_d, ax=ax_d, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return fig
+
+
 def plot_heatmap(
     tasks: Sequence[str],
     R: Sequence[Sequence[float]],
@@ -55,35 +131,13 @@ def plot_heatmap(
     title: str = "",
     metric_name: str = "score",
     scale: float = 100.0,
+    initial: Sequence[float] | None = None,
+    delta_range: float | None = None,
 ) -> None:
-    """Write a heatmap PNG of R (rows: after training task i; columns: evaluated on task j), atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Write :func:`heatmap_figure` as a PNG, atomically."""
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    data = np.asarray(R, dtype=float) * scale
-    T = len(tasks)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * T, 1.2 + 1.1 * T))
-    im = ax.imshow(data, cmap="viridis", vmin=min(0.0, float(data.min())), vmax=max(scale, float(data.max())))
-    ax.set_xticks(range(T), labels=list(tasks), rotation=30, ha="right")
-    ax.set_yticks(range(T), labels=[f"after {t}" for t in tasks])
-    ax.set_xlabel(f"evaluated on ({metric_name})")
-    for i in range(T):
-        for j in range(T):
-            ax.text(
-                j,
-                i,
-                f"{data[i, j]:.1f}",
-                ha="center",
-                va="center",
-                color="w" if data[i, j] < 0.6 * scale else "k",
-            )
-    if title:
-        ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
+    fig = heatmap_figure(tasks, R, title, metric_name, scale, initial, delta_range)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -18,10 +19,12 @@ import torch
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import ContinualConfig
-from .metrics import continual_metrics
+from .metrics import load_evaluate_module
 from .report import matrix_markdown, matrix_text, metrics_markdown, plot_heatmap
 from .state import atomic_write_json, atomic_write_text
 from .trainer import ContinualTrainer
+
+logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 HEATMAP_FILE = "accuracy_matrix.png"
@@ -176,6 +179,8 @@ def run_stream(
         t0 = time.perf_counter()
         trainer.end_task(task.train_dataset, task_name=task.name)
         timings["consolidate_s"].append(time.perf_counter() - t0)
+        if trainer.is_world_process_zero():
+            _log_task_boundary(i, tasks, trainer, timings)
         t0 = time.perf_counter()
         row, row_details = evaluate_all(tasks, trainer.model)
         timings["evaluate_s"].append(time.perf_counter() - t0)
@@ -191,7 +196,7 @@ def run_stream(
         tasks=names,
         accuracy_matrix=R,
         initial=initial,
-        metrics=continual_metrics(R, initial),
+        metrics=load_evaluate_module("continual_metrics").compute(accuracy_matrix=R, initial=initial),
         metric_name=metric_names.pop() if len(metric_names) == 1 else "mixed",
         details=details,
         timings=timings,
@@ -205,6 +210,29 @@ def run_stream(
         write_stream_outputs(result, output_dir)
     result.trainer = trainer
     return result
+
+
+def _log_task_boundary(
+    i: int, tasks: Sequence[Task], trainer: ContinualTrainer, timings: dict[str, Any]
+) -> None:
+    """One INFO line per finished task: examples, optimizer steps, times, size of the continual state."""
+    dataset = tasks[i].train_dataset
+    examples = len(dataset) if hasattr(dataset, "__len__") else "?"
+    tensors, _ = trainer.continual_state()
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    logger.info(
+        "task %d/%d %s: %s examples, %d steps, train %.1f s, consolidation %.1f s, continual state %d bytes "
+        "(%.1f MB)",
+        i + 1,
+        len(tasks),
+        tasks[i].name,
+        examples,
+        trainer.state.global_step,
+        timings["train_s"][-1],
+        timings["consolidate_s"][-1],
+        nbytes,
+        nbytes / 1e6,
+    )
 
 
 PROGRESS_DIR = "progress"
@@ -263,6 +291,7 @@ def write_stream_outputs(result: StreamResult, output_dir: str | os.PathLike) ->
         os.path.join(output_dir, HEATMAP_FILE),
         title,
         result.metric_name,
+        initial=result.initial,
     )
     table = (
         matrix_markdown(result.tasks, result.accuracy_matrix, result.initial)

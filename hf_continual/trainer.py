@@ -86,11 +86,11 @@ class ContinualTrainer(Trainer):
         """Train on ``self.train_dataset`` (mixed with old data for replay/joint) with a fresh optimizer."""
         if not self._user_optimizers:
             self.optimizer, self.lr_scheduler = None, None
-        if (
-            not resume_from_checkpoint
-        ):  # each task starts from a seed of its own: reproducible, resumable streams
-            task_seed = self.args.seed + len(self.method.tasks_seen)
-            enable_full_determinism(task_seed) if self.args.full_determinism else set_seed(task_seed)
+        # each task starts from a seed of its own: reproducible, resumable streams. Also when resuming: the
+        # shuffling sampler takes its seed from torch.initial_seed() (the checkpoint's RNG state is restored
+        # later, by the Trainer), so a resumed task replays the same data order.
+        task_seed = self.args.seed + len(self.method.tasks_seen)
+        enable_full_determinism(task_seed) if self.args.full_determinism else set_seed(task_seed)
         task_dataset = self.train_dataset
         self.train_dataset = self.method.prepare_train_dataset(task_dataset)
         try:

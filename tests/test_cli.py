@@ -1,14 +1,19 @@
 """The hf-continual command line: exit codes, messages, and a real run of the toy recipe."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
 
 from hf_continual.cli import build_parser, main
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
 
 
 def _recipe(tmp_path, text):
@@ -43,11 +48,40 @@ def test_help_documents_every_option(capsys):
         ),
         ("- just a list\n", "a recipe is a YAML mapping"),
         ("tasks: [toy]\nscale: -1\n", "'scale' must be a positive number"),
+        # values of the wrong type: the file and the key are named
+        (
+            "tasks: [toy]\ntraining: {learning_rate: abc}\n",
+            "r.yaml: training.learning_rate: expected float, got 'abc' (str)",
+        ),
+        ("tasks: [toy]\ntraining: {fp16: 1}\n", "r.yaml: training.fp16: expected bool, got 1 (int)"),
+        (
+            "tasks: [toy]\ntraining: {save_strategy: no}\n",
+            "training.save_strategy: expected SaveStrategy or str",
+        ),
+        (
+            "tasks: [toy]\ntask_options: {max_train_mentions: many}\n",
+            "r.yaml: task_options.max_train_mentions: expected int or null, got 'many'",
+        ),
+        ("tasks: [toy]\ntask_options: {split: train}\n", "task_options.split: expected one of 'test', 'dev'"),
+        ("tasks: [toy]\nsave_model: maybe\n", "r.yaml: save_model: expected bool, got 'maybe' (str)"),
     ],
 )
 def test_bad_recipes_exit_2_with_a_clear_message(tmp_path, capsys, text, message):
     assert main(["run", _recipe(tmp_path, text)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_set_value_of_the_wrong_type_exits_2_naming_the_file_key_and_item(tmp_path, capsys):
+    """(Before: ``learning_rate: abc`` reached torch's Adam and ended in a TypeError, exit 1.)"""
+    recipe = _recipe(tmp_path, "tasks: [toy]\n")
+    assert main(["run", recipe, "--set", "learning_rate=abc"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "r.yaml: training.learning_rate: expected float, got 'abc' (str) (from --set learning_rate=abc)"
+        in err
+    )
+    assert main(["run", recipe, "--set", "logging_strategy=no"]) == 2
+    assert "quote the value" in capsys.readouterr().err
 
 
 def test_missing_recipe_file(tmp_path, capsys):
@@ -84,7 +118,12 @@ def test_run_toy_recipe_writes_results_card_and_state(tmp_path, capsys):
     assert final_scores == pytest.approx(dict(zip(results["tasks"], results["accuracy_matrix"][-1])))
     assert (out / "final" / "continual_state.safetensors").is_file()
     assert (out / "final" / "accuracy_matrix.png").is_file()
-    assert "ACC" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "ACC" in captured.out
+    # one log line per task boundary (examples, steps, times, continual state size)
+    boundaries = [line for line in captured.err.splitlines() if "hf-continual: task " in line]
+    assert len(boundaries) == 3 and "task 3/3 toy-b: 256 examples, 16 steps" in boundaries[-1]
+    assert "continual state" in boundaries[-1]
     assert main(["card", str(out)]) == 0
     assert (out / "README.md").is_file()
 
@@ -116,3 +155,60 @@ def test_recipe_scale_reaches_the_dual_encoder(monkeypatch) -> None:
     assert float(model.scale) == 30.0 and model.config.scale == 30.0 and recipe.resolved()["scale"] == 30.0
     assert tasks == recipe.tasks
     assert float(build_stream(default, show_progress=False)[0].scale) == 20.0
+
+
+KILL_RESUME_METHODS = ("ewc", "kfac", "fish")
+
+
+def test_cli_resume_after_sigkill_mid_task_gives_the_same_stream(tmp_path):
+    """``hf-continual run --resume`` after SIGKILL at step 25 of task 2 (checkpoint-20 on disk) ends with the
+    same R and the same final weights as an uninterrupted run, for ewc, kfac and fish (FISH resumes with the
+    task's mask and start values from the checkpoint). Fails when ``run_recipe`` drops ``resume`` (the run
+    starts over and overwrites), when recipes stop saving checkpoints (no checkpoint-* to resume) or when a
+    resumed task is not re-seeded like a fresh one (another data order: R and weights differ)."""
+    from safetensors.torch import load_file
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",  # every run reduces floats in the same order
+    }
+    script = ROOT / "tests" / "dist" / "kill_resume.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), ",".join(KILL_RESUME_METHODS)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = json.loads(proc.stdout.strip().splitlines()[-1])
+    for method in KILL_RESUME_METHODS:
+        assert status[f"plain/{method}"] == 0, proc.stderr[-3000:]
+        assert status[f"kill/{method}"] == "SIGKILL", proc.stderr[-3000:]
+        assert status[f"resume/{method}"] == 0, proc.stderr[-3000:]
+        # after the kill: the rows of R of task 1 saved, task 2's checkpoint written, no results yet
+        assert status[f"after_kill/{method}"] == {
+            "progress": True,
+            "checkpoints": ["checkpoint-20"],
+            "results": False,
+        }
+        # the resumed run trained task 2 from step 20 and task 3 from scratch, not task 1
+        assert status[f"resume_starts/{method}"] == [20, 0]
+    for method in KILL_RESUME_METHODS:
+        full = json.loads((tmp_path / "plain" / method / "results.json").read_text())
+        resumed = json.loads((tmp_path / "killed" / method / "results.json").read_text())
+        # R entries are multiples of 1/128 (128 held-out examples per toy task): within half a step means the
+        # same counts
+        torch.testing.assert_close(
+            torch.tensor(resumed["accuracy_matrix"]),
+            torch.tensor(full["accuracy_matrix"]),
+            rtol=0,
+            atol=0.5 / 128,
+            msg=method,
+        )
+        a = load_file(tmp_path / "plain" / method / "final" / "model.safetensors")
+        b = load_file(tmp_path / "killed" / method / "final" / "model.safetensors")
+        assert a.keys() == b.keys()
+        for name in a:  # same ops, same data order, restored RNG: only float summation order may differ
+            torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=f"{method} {name}")

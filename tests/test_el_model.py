@@ -126,3 +126,50 @@ def test_training_examples_and_collator() -> None:
     length = batch["mention_input_ids"].shape[1]
     assert batch["candidate_input_ids"].shape == (2, 3, length) and batch["labels"].tolist() == [0, 0]
     assert batch["mention_attention_mask"].sum() == 2 * len(ds[0]["mention_input_ids"])
+
+
+def test_automodel_loads_a_saved_linker_in_a_fresh_process(tmp_path: Path) -> None:
+    """``import hf_continual`` registers the dual encoder with AutoConfig/AutoModel: a new process loads a saved
+    linker with ``AutoModel.from_pretrained(dir)`` and gets the same weights and logits. (Fails when the
+    registration import is removed from ``hf_continual/__init__.py``: "does not recognize this architecture".)"""
+    import os
+    import subprocess
+    import sys
+
+    from hf_continual.tasks.entity_linking import model_fingerprint
+
+    model = tiny_model(scale=7.0)
+    model.save_pretrained(tmp_path / "linker")
+    batch = random_batch()
+    torch.save(batch, tmp_path / "batch.pt")
+    expected = model.eval()(**batch).logits
+    script = (
+        "import sys, torch, hf_continual\n"
+        "from transformers import AutoConfig, AutoModel\n"
+        "d = sys.argv[1]\n"
+        "assert type(AutoConfig.from_pretrained(d)).__name__ == 'DualEncoderConfig'\n"
+        "m = AutoModel.from_pretrained(d).eval()\n"
+        "from hf_continual.tasks.entity_linking import model_fingerprint\n"
+        "torch.save(m(**torch.load(sys.argv[2])).logits, sys.argv[3])\n"
+        "print(type(m).__name__, model_fingerprint(m))\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(tmp_path / "linker"),
+            str(tmp_path / "batch.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["DualEncoderModel", model_fingerprint(model)]  # bit-identical weights
+    # same weights, same ops on the same CPU: only the kernel choice in a new process may differ
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-5, atol=1e-5)

@@ -49,8 +49,14 @@ class Dictionary:
     """
 
     def __init__(
-        self, entries: Iterable[DictionaryEntry | tuple[str, Sequence[str]]], source: str = ""
+        self,
+        entries: Iterable[DictionaryEntry | tuple[str, Sequence[str]]],
+        source: str = "",
+        show_progress: bool | None = False,
     ) -> None:
+        """``show_progress``: a bar while the names are indexed (see :mod:`hf_continual.progress`)."""
+        from ...progress import progress
+
         self.source = source
         self.entries: list[DictionaryEntry] = [
             e if isinstance(e, DictionaryEntry) else DictionaryEntry(e[0], tuple(e[1])) for e in entries
@@ -58,7 +64,7 @@ class Dictionary:
         index: dict[str, int] = {}
         self.names: list[str] = []
         ids_per_name: list[list[str]] = []
-        for entry in self.entries:
+        for entry in progress(self.entries, desc="indexing names", show=show_progress, unit="name"):
             norm = normalize_name(entry.name)
             if not norm:
                 continue
@@ -229,11 +235,16 @@ def load_dictionary(
     path: str | Path,
     format: str = "auto",
     id_rules: IdRules = MESH_OMIM_ID_RULES,
+    *,
+    show_progress: bool | None = None,
     **tsv_columns: str | None,
 ) -> Dictionary:
     """Load a vocabulary file (gzipped or not). ``format``: ``"tsv"`` -> :func:`iter_tsv_entries` (keyword
     arguments ``id_column``, ``name_column``, ``synonym_column`` name the columns), ``"medic"`` ->
-    :func:`iter_medic_entries`, ``"auto"`` -> ``tsv`` for ``*.tsv``/``*.tsv.gz`` file names, else ``medic``."""
+    :func:`iter_medic_entries`, ``"auto"`` -> ``tsv`` for ``*.tsv``/``*.tsv.gz`` file names, else ``medic``.
+    ``show_progress``: a bar over the bytes read, see :mod:`hf_continual.progress` (default: on a terminal)."""
+    from ...progress import progress
+
     path = Path(path)
     if format not in DICTIONARY_FORMATS:
         raise ValueError(f"dictionary format must be one of {DICTIONARY_FORMATS}, got {format!r}")
@@ -241,9 +252,11 @@ def load_dictionary(
         format = "tsv" if ".tsv" in [s.lower() for s in path.suffixes] else "medic"
     if format == "medic" and tsv_columns:
         raise ValueError(f"{path}: column names {sorted(tsv_columns)} apply to the tsv format only")
-    lines = iter_text_lines(path)
-    if format == "tsv":
-        entries = list(iter_tsv_entries(lines, source=path, id_rules=id_rules, **tsv_columns))
-    else:
-        entries = list(iter_medic_entries(lines, source=path, id_rules=id_rules))
-    return Dictionary(entries, source=str(path))
+    size = path.stat().st_size
+    with progress(desc=f"loading {path.name}", show=show_progress, total=size, unit="B", unit_scale=True) as bar:
+        lines = iter_text_lines(path, bar=bar)
+        if format == "tsv":
+            entries = list(iter_tsv_entries(lines, source=path, id_rules=id_rules, **tsv_columns))
+        else:
+            entries = list(iter_medic_entries(lines, source=path, id_rules=id_rules))
+    return Dictionary(entries, source=str(path), show_progress=show_progress)

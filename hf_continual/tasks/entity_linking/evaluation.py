@@ -114,7 +114,15 @@ class RetrievalEvaluator:
         }
 
     def _finish(self, ranked: Iterable[Sequence[int]]) -> dict[str, float]:
-        result = accuracy_at_k(ranked, self.candidates.name_ids, self.gold, self.ks)
+        """Scores of ranked name indices through the packaged ``entity_linking_accuracy`` evaluate module."""
+        from ...metrics import load_evaluate_module
+
+        name_ids = self.candidates.name_ids
+        result = load_evaluate_module("entity_linking_accuracy").compute(
+            predictions=[[list(name_ids[int(i)]) for i in order] for order in ranked],
+            references=self.gold,
+            k=list(self.ks),
+        )
         linkable = len(self.queries) - self.unlinkable - self.not_in_dictionary
         for k in self.ks:
             result[f"acc@{k}_linkable"] = result[f"correct@{k}"] / linkable if linkable else 0.0

@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers import initialization as init
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.utils import ModelOutput
@@ -248,3 +256,13 @@ class DualEncoderModel(PreTrainedModel):
         finally:
             self.train(was_training)
         return out
+
+
+def register_auto_classes() -> None:
+    """Register the dual encoder with ``AutoConfig``/``AutoModel`` (done when ``hf_continual`` is imported), so
+    a saved linker loads with ``AutoModel.from_pretrained(dir)``; calling it again is harmless."""
+    AutoConfig.register(DualEncoderConfig.model_type, DualEncoderConfig, exist_ok=True)
+    AutoModel.register(DualEncoderConfig, DualEncoderModel, exist_ok=True)
+
+
+register_auto_classes()

@@ -25,6 +25,7 @@ import re
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from datasets import Dataset, Features, Sequence, Value
 
@@ -52,19 +53,23 @@ MENTION_FEATURES = (
 )
 
 
-def iter_text_lines(path: str | Path) -> Iterator[str]:
+def iter_text_lines(path: str | Path, bar: Any = None) -> Iterator[str]:
     """The lines of a UTF-8 text file, gzipped or not (gzip recognised by its magic bytes), without line ends.
 
     Lines are split on ``\\n`` only and a trailing ``\\r`` is removed (CRLF files), so a stray carriage return
     inside a line never splits it. A line that is not UTF-8 raises :class:`~.errors.DataFormatError` naming the
-    file and the 1-based line.
+    file and the 1-based line. ``bar``: a ``tqdm`` bar whose ``total`` is the file's size, advanced by the bytes
+    read (compressed bytes for a gzipped file).
     """
     path = Path(path)
     with path.open("rb") as raw:
         gzipped = raw.read(2) == b"\x1f\x8b"
     opener = gzip.open if gzipped else open
     with opener(path, "rb") as handle:
+        position = getattr(handle, "fileobj", None) or handle  # a GzipFile reads from .fileobj
         for line_number, data in enumerate(handle, start=1):
+            if bar is not None and line_number % 8192 == 0:
+                bar.update(position.tell() - bar.n)
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -74,6 +79,8 @@ def iter_text_lines(path: str | Path) -> Iterator[str]:
             if line_number == 1:
                 text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark
             yield text.rstrip("\n").rstrip("\r")
+        if bar is not None and bar.total:
+            bar.update(bar.total - bar.n)
 
 
 @dataclass(frozen=True)

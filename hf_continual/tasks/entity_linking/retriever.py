@@ -9,20 +9,32 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.feature_extraction.text import TfidfVectorizer
+
+from ...progress import progress
 
 
 class TfidfRetriever:
     """Top-k nearest names by cosine similarity of char-n-gram TF-IDF vectors (rows are L2-normalised)."""
 
     def __init__(
-        self, names: Sequence[str], ngram_range: tuple[int, int] = (3, 3), max_block_cells: int = 20_000_000
+        self,
+        names: Sequence[str],
+        ngram_range: tuple[int, int] = (3, 3),
+        max_block_cells: int = 20_000_000,
+        show_progress: bool | None = None,
     ) -> None:
+        """``show_progress``: bars while the index is built and searched (see :mod:`hf_continual.progress`;
+        default: on a terminal)."""
+        from sklearn.feature_extraction.text import TfidfVectorizer  # here: importing sklearn takes seconds
+
         self.names = list(names)
+        self.show_progress = show_progress
         self.vectorizer = TfidfVectorizer(
             analyzer="char_wb", ngram_range=ngram_range, lowercase=True, dtype=np.float32
         )
-        self.matrix = self.vectorizer.fit_transform(self.names).tocsr()
+        # one pass over the names counts the n-grams (the slow part): the bar follows it
+        names_bar = progress(self.names, desc="TF-IDF index", show=show_progress, unit="name")
+        self.matrix = self.vectorizer.fit_transform(names_bar).tocsr()
         self.max_block_cells = max_block_cells
         self._names_t = None
 
@@ -46,7 +58,8 @@ class TfidfRetriever:
         if self._names_t is None:  # CSR of the transpose, made once: a CSC operand is converted on every product
             self._names_t = self.matrix.T.tocsr()
         names_t = self._names_t
-        for lo in range(0, q.shape[0], block):
+        starts = range(0, q.shape[0], block)
+        for lo in progress(starts, desc="TF-IDF top-k", show=self.show_progress, unit="block"):
             scores = (q[lo : lo + block] @ names_t).toarray()
             part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
             part_scores = np.take_along_axis(scores, part, axis=1)
