@@ -5,6 +5,7 @@ run ends where an uninterrupted one does."""
 from __future__ import annotations
 
 import gzip
+import json
 from itertools import combinations
 from pathlib import Path
 
@@ -14,7 +15,13 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 
 from hf_continual.cli import main as cli_main
 from hf_continual.recipe import build_stream, load_recipe
-from hf_continual.tasks.entity_linking import TASK_REGISTRY, Dictionary, DualEncoderModel, normalize_name
+from hf_continual.tasks.entity_linking import (
+    TASK_REGISTRY,
+    Dictionary,
+    DualEncoderModel,
+    load_dictionary,
+    normalize_name,
+)
 from hf_continual.tasks.entity_linking.pretrain import (
     PAIRS_FILE,
     PairCollator,
@@ -251,3 +258,50 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(
     a = DualEncoderModel.from_base(str(tmp_path / "a")).encoder.state_dict()
     b = DualEncoderModel.from_base(str(tmp_path / "b")).encoder.state_dict()
     torch.testing.assert_close(b, a)  # default float32 tolerances: the same ops, possibly reordered sums
+
+
+def test_alignment_examples_and_the_saved_state_of_task_zero(
+    data_dir: Path, tiny_base: str, tmp_path: Path
+) -> None:
+    """The alignment as K-way examples: the mention is ``name_a``, candidate 0 its synonym ``name_b``, the
+    others names of other concepts; with ``continual_state`` the aligned directory carries a K-FAC state whose
+    task history is the alignment, and a ContinualTrainer loads it onto the model a recipe builds from that
+    directory. (Checked by breaking it: letting a negative share the concept fails the first part.)"""
+    from hf_continual import ContinualConfig, ContinualTrainer
+    from hf_continual.tasks.entity_linking.pretrain import alignment_examples
+
+    recipe = load_pretrain_recipe(write_recipe(tmp_path / "r.yaml", data_dir, tiny_base, tmp_path / "o"))
+    pairs, _ = build_pairs(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    dictionary = load_dictionary(recipe.vocabularies[0].path)
+    examples = alignment_examples(pairs, [dictionary], tokenizer, num_examples=12, num_candidates=4, seed=1)
+    assert len(examples) == 12 and set(examples["labels"]) == {0}
+    by_text = {tuple(r["mention_input_ids"]): r for r in examples}
+    checked = set()
+    for a, ids in zip(pairs["name_a"], pairs["ids"]):
+        row = by_text.get(tuple(tokenizer(a)["input_ids"]))
+        if row is None:
+            continue
+        checked.add(a)
+        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in row["candidate_input_ids"]]
+        assert texts[0] in {normalize_name(n) for n in dictionary.names_of(ids[0])}
+        for t in texts[1:]:
+            assert set(dictionary.name_ids[dictionary.name_index[t]]).isdisjoint(ids), (a, t)
+    assert len(checked) == len(by_text)  # every example was matched to its pair
+
+    out = tmp_path / "aligned"
+    path = write_recipe(tmp_path / "s.yaml", data_dir, tiny_base, out, max_steps=2)
+    path.write_text(
+        path.read_text() + "continual_state: {method: kfac, num_examples: 8, num_candidates: 3}\n"
+    )
+    info = pretrain(load_pretrain_recipe(path), show_progress=False)
+    assert info["continual_state"]["examples"] == 8
+    record = json.loads((out / "continual_state.json").read_text())
+    assert record["method"] == "kfac" and "self-alignment" in json.dumps(record["method_state"])
+    model = DualEncoderModel.from_base(str(out))
+    trainer = ContinualTrainer(
+        model=model,
+        args=ContinualConfig(output_dir=str(tmp_path / "next"), continual_method="kfac", use_cpu=True),
+    )
+    trainer.load_continual_state(out)
+    assert "continual state" in (out / "README.md").read_text()

@@ -65,8 +65,12 @@ PRETRAIN_KEYS = {
     "loss",
     "training",
     "keep_snapshots",
+    "continual_state",
     "output_dir",
 }
+CONTINUAL_STATE_DEFAULTS: dict[str, Any] = {"method": "kfac", "num_examples": 1024, "num_candidates": 8}
+STATE_METHODS = ("ewc", "online_ewc", "kfac")
+ALIGNMENT_TASK = "self-alignment"
 VOCABULARY_KEYS = {"source", "pairs_per_concept", "max_pairs"}
 LOSS_DEFAULTS: dict[str, Any] = {
     # SapBERT paper (appendix): multi-similarity loss alpha 2, beta 50, lambda (base) 0.5; miner margin 0.2
@@ -365,6 +369,7 @@ class PretrainRecipe:
     training: dict[str, Any] = field(default_factory=lambda: dict(TRAINING_DEFAULTS))
     keep_snapshots: bool = True
     description: str = ""
+    continual_state: dict[str, Any] | None = None
 
     def training_arguments(self, **extra: Any) -> TrainingArguments:
         values = {
@@ -400,6 +405,7 @@ class PretrainRecipe:
             "loss": self.loss,
             "training": self.training,
             "keep_snapshots": self.keep_snapshots,
+            "continual_state": self.continual_state,
             "output_dir": self.output_dir,
         }
 
@@ -506,6 +512,22 @@ def load_pretrain_recipe(
         raise PretrainRecipeError(f"{path}: loss: unknown key(s) {bad}; known {sorted(LOSS_DEFAULTS)}")
     if loss["miner"] not in MINERS:
         raise PretrainRecipeError(f"{path}: loss.miner must be one of {MINERS}, got {loss['miner']!r}")
+    state = values.get("continual_state")
+    if state is not None:
+        if not isinstance(state, dict):
+            raise PretrainRecipeError(f"{path}: continual_state must be a mapping or null")
+        state = {**CONTINUAL_STATE_DEFAULTS, **state}
+        bad = sorted(set(state) - set(CONTINUAL_STATE_DEFAULTS))
+        if bad:
+            raise PretrainRecipeError(
+                f"{path}: continual_state: unknown key(s) {bad}; known {sorted(CONTINUAL_STATE_DEFAULTS)}"
+            )
+        if state["method"] not in STATE_METHODS:
+            raise PretrainRecipeError(
+                f"{path}: continual_state.method must be one of {STATE_METHODS}, got {state['method']!r}"
+            )
+        for key in ("num_examples", "num_candidates"):
+            _optional_positive_int(path, f"continual_state.{key}", state[key])
     recipe = PretrainRecipe(
         source=str(path),
         name=str(values.get("name") or path.stem),
@@ -519,6 +541,7 @@ def load_pretrain_recipe(
         loss=loss,
         training={**TRAINING_DEFAULTS, **(values.get("training") or {})},
         keep_snapshots=bool(values.get("keep_snapshots", True)),
+        continual_state=state,
     )
     recipe.training_arguments()  # validate the training section before any data is read
     return recipe
@@ -530,7 +553,7 @@ def build_pairs(recipe: PretrainRecipe) -> tuple[Dataset, dict[str, Any]]:
     disjoint across vocabularies (seed: ``recipe.seed``, offset per vocabulary)."""
     from .tasks import cached_dictionary
 
-    columns: dict[str, list] = {"name_a": [], "name_b": [], "label": []}
+    columns: dict[str, list] = {"name_a": [], "name_b": [], "label": [], "ids": [], "vocabulary": []}
     stats = []
     offset = 0
     for k, vocab in enumerate(recipe.vocabularies):
@@ -542,12 +565,15 @@ def build_pairs(recipe: PretrainRecipe) -> tuple[Dataset, dict[str, Any]]:
             max_pairs=vocab.max_pairs,
             label_offset=offset,
         )
-        offset = s["labels"][1]
-        stats.append({"vocabulary": vocab.source, **s})
+        concept_ids = [ids for ids, _ in concept_names(dictionary)]
         for a, b, label in pairs:
             columns["name_a"].append(a)
             columns["name_b"].append(b)
             columns["label"].append(label)
+            columns["ids"].append(list(concept_ids[label - offset]))
+            columns["vocabulary"].append(k)
+        offset = s["labels"][1]
+        stats.append({"vocabulary": vocab.source, **s})
     return Dataset.from_dict(columns), {"vocabularies": stats, "pairs": len(columns["label"])}
 
 
@@ -577,6 +603,18 @@ def _plot_loss(curve: list[dict[str, float]], path: Path) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _state_line(info: dict[str, Any]) -> str:
+    cs = info.get("continual_state")
+    if not cs:
+        return ""
+    return (
+        f"- continual state: the alignment is task 0 (`{cs['task']}`): `{cs['method']}` curvature of the alignment "
+        f"as {cs['examples']} {cs['num_candidates']}-way linking examples (a name, its synonym and TF-IDF-nearest names "
+        "of other concepts), saved in `continual_state.*`; `ContinualTrainer.load_continual_state` on this directory "
+        "protects it while fine-tuning\n"
+    )
 
 
 def _model_card(info: dict[str, Any]) -> str:
@@ -626,7 +664,7 @@ A BERT encoder aligned on synonym pairs of concept vocabularies with the SapBERT
   {info["pairs_per_step"]} pairs per optimizer step, {info["global_step"]} steps ({info["pairs_seen"]} pairs seen,
   {info["epochs"]:.2f} epochs), scheduler {train.get("lr_scheduler_type")}, weight decay {train.get("weight_decay")}
 - training time: {info["train_seconds"]:.0f} s ({info["device"]})
-
+{_state_line(info)}
 ## Loss curve
 
 ![loss curve]({LOSS_PLOT})
@@ -704,9 +742,140 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, show_progress: bool =
     if trainer.is_world_process_zero():
         save_encoder(model, out)
         _plot_loss(info["loss_curve"], out / LOSS_PLOT)
+    if recipe.continual_state is not None and trainer.is_world_process_zero():
+        from .tasks import cached_dictionary
+
+        t0 = time.perf_counter()
+        cs = recipe.continual_state
+        examples = alignment_examples(
+            pairs,
+            [cached_dictionary(v.path) for v in recipe.vocabularies],
+            model.get_tokenizer(),
+            num_examples=cs["num_examples"],
+            num_candidates=cs["num_candidates"],
+            seed=recipe.seed,
+            max_length=recipe.max_length,
+        )
+        save_alignment_state(
+            out, examples, method=cs["method"], use_cpu=bool(recipe.training.get("use_cpu", False))
+        )
+        info["continual_state"] = {
+            **cs,
+            "examples": len(examples),
+            "task": ALIGNMENT_TASK,
+            "seconds": time.perf_counter() - t0,
+        }
+    if trainer.is_world_process_zero():
         atomic_write_json(out / INFO_FILE, info)
         atomic_write_text(out / "README.md", _model_card(info))
     return info
+
+
+def alignment_examples(
+    pairs: Dataset,
+    dictionaries: Sequence[Dictionary],
+    tokenizer: PreTrainedTokenizerBase,
+    num_examples: int | None = 1024,
+    num_candidates: int = 8,
+    seed: int = 0,
+    max_length: int = 25,
+) -> Dataset:
+    """The alignment objective as K-way linking examples the dual encoder (and its Fisher code) takes: a
+    seeded sample of pairs, ``name_a`` the mention, ``name_b`` the gold candidate (position 0) and K-1
+    negatives, the names of other concepts nearest to ``name_a`` by char-3-gram TF-IDF in its vocabulary
+    (``dictionaries[pair vocabulary]``; random names of other concepts fill up when too few remain)."""
+    from .retriever import TfidfRetriever
+
+    if num_candidates < 2:
+        raise ValueError("num_candidates must be >= 2 (the synonym and at least one negative)")
+    rng = random.Random(seed)
+    rows = range(len(pairs))
+    if num_examples is not None and num_examples < len(pairs):
+        rows = sorted(rng.sample(rows, num_examples))
+    sample = pairs.select(rows)
+    queries, texts = [], []
+    for k, dictionary in enumerate(dictionaries):
+        mine = [i for i, v in enumerate(sample["vocabulary"]) if v == k]
+        if not mine:
+            continue
+        retriever = TfidfRetriever(dictionary.names)
+        top, _ = retriever.topk([sample[i]["name_a"] for i in mine], num_candidates + 32)
+        for i, ranked in zip(mine, top):
+            row = sample[i]
+            own = set(row["ids"])
+            negatives: list[str] = []
+            for j in list(ranked) + [rng.randrange(len(dictionary)) for _ in range(16 * num_candidates)]:
+                name = dictionary.names[int(j)]
+                if len(negatives) == num_candidates - 1:
+                    break
+                if own.isdisjoint(dictionary.name_ids[int(j)]) and name not in negatives:
+                    negatives.append(name)
+            if len(negatives) < num_candidates - 1:
+                raise ValueError(
+                    f"{dictionary.source}: too few names outside {sorted(own)} for {num_candidates} candidates"
+                )
+            queries.append(row["name_a"])
+            texts.append([row["name_b"], *negatives])
+    mention = tokenizer(queries, truncation=True, max_length=max_length)
+    flat = tokenizer([t for group in texts for t in group], truncation=True, max_length=max_length)
+
+    def regroup(values: Sequence[list[int]]) -> list[list[list[int]]]:
+        return [list(values[i * num_candidates : (i + 1) * num_candidates]) for i in range(len(queries))]
+
+    columns = {
+        "mention_input_ids": mention["input_ids"],
+        "mention_attention_mask": mention["attention_mask"],
+        "candidate_input_ids": regroup(flat["input_ids"]),
+        "candidate_attention_mask": regroup(flat["attention_mask"]),
+        "labels": [0] * len(queries),
+    }
+    return Dataset.from_dict(columns)
+
+
+def save_alignment_state(
+    model_dir: str | os.PathLike,
+    examples: Dataset,
+    method: str = "kfac",
+    use_cpu: bool = True,
+    **config: Any,
+) -> dict[str, Any]:
+    """Consolidate the alignment as task 0 of the aligned model: the ``method``'s curvature (K-FAC factors +
+    diagonal elsewhere for ``kfac``, diagonal for ``ewc``) of :func:`alignment_examples` and the anchor, saved as
+    ``continual_state.*`` beside the weights in ``model_dir``, so ``ContinualTrainer.load_continual_state``
+    protects the vocabulary knowledge when the model is fine-tuned later. Uses only the public
+    ``ContinualTrainer`` API (``end_task``, ``save_model``). Returns the state's record."""
+    import tempfile
+
+    from ...config import ContinualConfig
+    from ...trainer import ContinualTrainer
+    from .data import DualEncoderCollator
+
+    model_dir = Path(model_dir)
+    model = DualEncoderModel.from_base(str(model_dir))
+    pad = model.get_tokenizer().pad_token_id or 0
+    with tempfile.TemporaryDirectory(dir=model_dir) as tmp:
+        args = ContinualConfig(
+            output_dir=tmp,
+            continual_method=method,
+            report_to="none",
+            use_cpu=use_cpu,
+            fisher_num_samples=len(examples),
+            **config,
+        )
+        trainer = ContinualTrainer(
+            model=model,
+            args=args,
+            train_dataset=examples,
+            data_collator=DualEncoderCollator(pad_token_id=pad),
+        )
+        trainer.end_task(task_name=ALIGNMENT_TASK)
+        trainer.save_model(tmp)
+        names = [f for f in os.listdir(tmp) if f.startswith("continual_state")]
+        if not names:
+            raise RuntimeError(f"ContinualTrainer.save_model wrote no continual state into {tmp}")
+        for name in names:
+            os.replace(Path(tmp) / name, model_dir / name)
+    return json.loads((model_dir / "continual_state.json").read_text())
 
 
 def json_summary(info: dict[str, Any]) -> str:
