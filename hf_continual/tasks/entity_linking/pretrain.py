@@ -8,7 +8,9 @@ multi-similarity loss whose pairs are chosen by a miner (``pytorch-metric-learni
 pair mate as a positive in the batch, every other concept's names are negatives.
 
 Training is a plain HF ``Trainer`` run (checkpoints, resume, progress bar); the result is a standard BERT
-directory (weights, tokenizer, model card) that ``model:`` in any recipe can name.
+directory (weights, tokenizer, model card) that ``model:`` in any recipe can name. With ``continual_state`` the
+alignment is also consolidated as task 0 (:func:`save_alignment_state`): its curvature and anchor are saved
+beside the weights for ``ContinualTrainer.load_continual_state``.
 
 Recipe (``hf-continual pretrain RECIPE.yaml``)::
 
@@ -21,7 +23,8 @@ Recipe (``hf-continual pretrain RECIPE.yaml``)::
     max_length: 25
     loss: {miner: triplet_margin, miner_margin: 0.2, alpha: 2.0, beta: 50.0, base: 0.5}
     training: {learning_rate: 2.0e-5, per_device_train_batch_size: 128, num_train_epochs: 1, save_steps: 100}
-    keep_snapshots: true           # copy the weights of every checkpoint to OUTPUT/snapshots (learning curves)
+    keep_snapshots: true           # at each checkpoint also write OUTPUT/snapshots/step-N (a BERT directory)
+    continual_state: {method: kfac, num_examples: 1024, num_candidates: 8}   # task 0 (or null: none)
     output_dir: outputs/pretrain
 """
 
