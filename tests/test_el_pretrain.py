@@ -305,3 +305,22 @@ def test_alignment_examples_and_the_saved_state_of_task_zero(
     )
     trainer.load_continual_state(out)
     assert "continual state" in (out / "README.md").read_text()
+
+
+def test_save_every_minutes_asks_for_a_checkpoint_once_the_time_has_passed() -> None:
+    """The time-based checkpoint: no save request before ``minutes`` have passed since the last save, one after,
+    and the clock restarts at each save. (Checked by breaking it: comparing with ``minutes`` instead of seconds
+    fails here.)"""
+    from transformers import TrainerControl
+
+    from hf_continual.tasks.entity_linking.pretrain import SaveEveryMinutes
+
+    now = [0.0]
+    cb = SaveEveryMinutes(2, clock=lambda: now[0])
+    now[0] = 119.0
+    assert not cb.on_step_end(None, None, TrainerControl()).should_save
+    now[0] = 120.0
+    assert cb.on_step_end(None, None, TrainerControl()).should_save
+    cb.on_save(None, None, TrainerControl())
+    now[0] = 200.0
+    assert not cb.on_step_end(None, None, TrainerControl()).should_save

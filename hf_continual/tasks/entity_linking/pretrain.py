@@ -24,6 +24,7 @@ Recipe (``hf-continual pretrain RECIPE.yaml``)::
     loss: {miner: triplet_margin, miner_margin: 0.2, alpha: 2.0, beta: 50.0, base: 0.5}
     training: {learning_rate: 2.0e-5, per_device_train_batch_size: 128, num_train_epochs: 1, save_steps: 100}
     keep_snapshots: true           # at each checkpoint also write OUTPUT/snapshots/step-N (a BERT directory)
+    save_every_minutes: 10         # also checkpoint every 10 minutes of wall time (null: save_steps only)
     continual_state: {method: kfac, num_examples: 1024, num_candidates: 8}   # task 0 (or null: none)
     output_dir: outputs/pretrain
 """
@@ -68,6 +69,7 @@ PRETRAIN_KEYS = {
     "loss",
     "training",
     "keep_snapshots",
+    "save_every_minutes",
     "continual_state",
     "output_dir",
 }
@@ -319,6 +321,25 @@ def save_encoder(
         os.replace(tmp, dest)
 
 
+class SaveEveryMinutes(TrainerCallback):
+    """Also checkpoint whenever ``minutes`` of wall time have passed since the last checkpoint (or the start of
+    this session): on a shared CPU the time per step varies too much for ``save_steps`` alone to bound the work
+    a killed run loses."""
+
+    def __init__(self, minutes: float, clock=time.monotonic) -> None:
+        self.seconds = 60.0 * minutes
+        self.clock = clock
+        self.last = clock()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.clock() - self.last >= self.seconds:
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last = self.clock()
+
+
 class SnapshotCallback(TrainerCallback):
     """At each checkpoint, also write the encoder as a BERT directory ``snapshots/step-N`` (weights and
     tokenizer only: a recipe's ``model:`` can name it), so checkpoint rotation does not lose the learning curve."""
@@ -371,6 +392,7 @@ class PretrainRecipe:
     loss: dict[str, Any] = field(default_factory=lambda: dict(LOSS_DEFAULTS))
     training: dict[str, Any] = field(default_factory=lambda: dict(TRAINING_DEFAULTS))
     keep_snapshots: bool = True
+    save_every_minutes: float | None = None
     description: str = ""
     continual_state: dict[str, Any] | None = None
 
@@ -408,6 +430,7 @@ class PretrainRecipe:
             "loss": self.loss,
             "training": self.training,
             "keep_snapshots": self.keep_snapshots,
+            "save_every_minutes": self.save_every_minutes,
             "continual_state": self.continual_state,
             "output_dir": self.output_dir,
         }
@@ -531,6 +554,9 @@ def load_pretrain_recipe(
             )
         for key in ("num_examples", "num_candidates"):
             _optional_positive_int(path, f"continual_state.{key}", state[key])
+    every = values.get("save_every_minutes")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, (int, float)) or every < 0):
+        raise PretrainRecipeError(f"{path}: save_every_minutes must be a number >= 0 or null, got {every!r}")
     recipe = PretrainRecipe(
         source=str(path),
         name=str(values.get("name") or path.stem),
@@ -545,6 +571,7 @@ def load_pretrain_recipe(
         training={**TRAINING_DEFAULTS, **(values.get("training") or {})},
         keep_snapshots=bool(values.get("keep_snapshots", True)),
         continual_state=state,
+        save_every_minutes=None if every is None else float(every),
     )
     recipe.training_arguments()  # validate the training section before any data is read
     return recipe
@@ -708,6 +735,8 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, show_progress: bool =
     pairs_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     snapshots = SnapshotCallback(out / SNAPSHOTS, pairs_per_step)
     callbacks: list[TrainerCallback] = [ElapsedTime()] + ([snapshots] if recipe.keep_snapshots else [])
+    if recipe.save_every_minutes is not None:
+        callbacks.append(SaveEveryMinutes(recipe.save_every_minutes))
     trainer = _AlignmentTrainer(
         model=model,
         args=args,
