@@ -6,6 +6,8 @@ Commands:
   evaluate DIR      score a saved model on a recipe's tasks (acc@1/acc@5)
   card DIR          (re)write the model card README.md of an output directory from its results.json
   demo              the quick medical entity-linking stream: plain fine-tuning vs the best protection method
+  pretrain RECIPE   self-alignment (SapBERT) pretraining of a BERT on vocabulary synonym pairs; writes a model
+                    directory that `model:` in any recipe can name
 
 Exit codes: 0 success; 1 the run failed; 2 bad command line or recipe (unknown key, missing data, unknown task).
 """
@@ -160,6 +162,14 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(ns: argparse.Namespace) -> int:
+    from .tasks.entity_linking.pretrain import json_summary, load_pretrain_recipe, pretrain
+
+    recipe = load_pretrain_recipe(ns.recipe, overrides=ns.set, output_dir=ns.output_dir)
+    print(json_summary(pretrain(recipe, resume=ns.resume, show_progress=not ns.no_progress)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .recipe import CHECKPOINT_DEFAULTS
 
@@ -216,6 +226,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), help="methods to compare")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_cmd_demo)
+
+    pre = sub.add_parser(
+        "pretrain",
+        help="self-alignment pretraining on vocabulary synonym pairs",
+        description="SapBERT-style self-alignment of a BERT on synonym pairs of dictionaries (see "
+        "hf_continual/tasks/entity_linking/pretrain.py for the recipe keys).",
+    )
+    pre.add_argument("recipe", help="pretraining recipe (e.g. recipes/pretrain_quick.yaml)")
+    pre.add_argument("--output-dir", help="output directory (overrides the recipe)")
+    pre.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value (training.save_steps=50)",
+    )
+    pre.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in OUTPUT/checkpoints"
+    )
+    pre.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    pre.set_defaults(func=_cmd_pretrain)
     return parser
 
 
@@ -256,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"hf-continual: error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as err:
         print(f"hf-continual: {ns.command} failed: {err}", file=sys.stderr)
         return 1
     finally:
