@@ -19,7 +19,6 @@ from hf_continual.tasks.entity_linking import (
     TASK_REGISTRY,
     Dictionary,
     DualEncoderModel,
-    load_dictionary,
     normalize_name,
 )
 from hf_continual.tasks.entity_linking.pretrain import (
@@ -71,8 +70,8 @@ def data_dir(tmp_path_factory) -> Path:
     """A corpus directory laid out as TASK_REGISTRY['ncbi-disease'] expects, with the tiny dictionary."""
     root = tmp_path_factory.mktemp("data")
     spec = TASK_REGISTRY["ncbi-disease"]
-    (root / spec.dictionary).parent.mkdir(parents=True, exist_ok=True)
-    (root / spec.dictionary).write_text(MEDIC)
+    (root / spec.dictionary.path).parent.mkdir(parents=True, exist_ok=True)
+    (root / spec.dictionary.path).write_text(MEDIC)
     for i, split in enumerate(("train", "dev", "test")):
         path = root / getattr(spec, split)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +272,7 @@ def test_alignment_examples_and_the_saved_state_of_task_zero(
     recipe = load_pretrain_recipe(write_recipe(tmp_path / "r.yaml", data_dir, tiny_base, tmp_path / "o"))
     pairs, _ = build_pairs(recipe)
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    dictionary = load_dictionary(recipe.vocabularies[0].path)
+    dictionary = recipe.vocabularies[0].load()
     examples = alignment_examples(pairs, [dictionary], tokenizer, num_examples=12, num_candidates=4, seed=1)
     assert len(examples) == 12 and set(examples["labels"]) == {0}
     by_text = {tuple(r["mention_input_ids"]): r for r in examples}

@@ -371,10 +371,23 @@ class PretrainRecipeError(RecipeError):
 
 @dataclass
 class VocabularySpec:
+    """One vocabulary of a recipe: ``source`` as written (a task name or a file), the resolved file, how to read
+    it (a task's own :class:`~.tasks.DictionarySpec` and id rules; for a file: format by file name, MeSH/OMIM
+    ids) and its pair budget."""
+
     source: str
     path: Path
     pairs_per_concept: int | None = 20
     max_pairs: int | None = None
+    reader: Any = None  #: DictionarySpec (None: the defaults)
+    id_rules: Any = None  #: IdRules (None: MeSH/OMIM)
+
+    def load(self) -> Dictionary:
+        """The vocabulary, read once per process (:func:`~.tasks.cached_dictionary`)."""
+        from .pubtator import MESH_OMIM_ID_RULES
+        from .tasks import cached_dictionary
+
+        return cached_dictionary(self.path, self.reader, self.id_rules or MESH_OMIM_ID_RULES)
 
 
 @dataclass
@@ -454,18 +467,22 @@ def _set_override(values: dict[str, Any], item: str) -> None:
         values.setdefault("training", {})[key] = value
 
 
-def _vocabulary_path(source: str, data_dir: Path, recipe: Path) -> Path:
+def _vocabulary_source(source: str, data_dir: Path, recipe: Path) -> tuple[Path, Any, Any]:
+    """(file, DictionarySpec or None, IdRules or None) of a vocabulary given as a task name or a file."""
     from .tasks import TASK_REGISTRY
 
+    reader = id_rules = None
     if source in TASK_REGISTRY:
-        path = data_dir / TASK_REGISTRY[source].dictionary
+        spec = TASK_REGISTRY[source]
+        reader, id_rules = spec.dictionary, spec.id_rules
+        path = Path(spec.dictionary.path)
     else:
         path = Path(source)
-        if not path.is_absolute():
-            path = data_dir / path
+    if not path.is_absolute():
+        path = data_dir / path
     if not path.is_file():
         raise PretrainRecipeError(f"{recipe}: vocabulary {source!r}: file {str(path)!r} not found")
-    return path.resolve()
+    return path.resolve(), reader, id_rules
 
 
 def _optional_positive_int(recipe: Path, key: str, value: Any) -> int | None:
@@ -522,10 +539,13 @@ def load_pretrain_recipe(
             raise PretrainRecipeError(
                 f"{path}: vocabularies[{i}]: unknown key(s) {bad}; known {sorted(VOCABULARY_KEYS)}"
             )
+        vocab_path, reader, id_rules = _vocabulary_source(str(item["source"]), data_dir, path)
         vocabularies.append(
             VocabularySpec(
                 source=str(item["source"]),
-                path=_vocabulary_path(str(item["source"]), data_dir, path),
+                path=vocab_path,
+                reader=reader,
+                id_rules=id_rules,
                 pairs_per_concept=_optional_positive_int(
                     path, f"vocabularies[{i}].pairs_per_concept", item.get("pairs_per_concept", 20)
                 ),
@@ -581,13 +601,11 @@ def load_pretrain_recipe(
 def build_pairs(recipe: PretrainRecipe) -> tuple[Dataset, dict[str, Any]]:
     """The training pairs of a recipe: each vocabulary's shuffled pairs, vocabularies in recipe order, labels
     disjoint across vocabularies (seed: ``recipe.seed``, offset per vocabulary)."""
-    from .tasks import cached_dictionary
-
     columns: dict[str, list] = {"name_a": [], "name_b": [], "label": [], "ids": [], "vocabulary": []}
     stats = []
     offset = 0
     for k, vocab in enumerate(recipe.vocabularies):
-        dictionary = cached_dictionary(vocab.path)
+        dictionary = vocab.load()
         pairs, s = synonym_pairs(
             dictionary,
             vocab.pairs_per_concept,
@@ -775,13 +793,11 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, show_progress: bool =
         save_encoder(model, out)
         _plot_loss(info["loss_curve"], out / LOSS_PLOT)
     if recipe.continual_state is not None and trainer.is_world_process_zero():
-        from .tasks import cached_dictionary
-
         t0 = time.perf_counter()
         cs = recipe.continual_state
         examples = alignment_examples(
             pairs,
-            [cached_dictionary(v.path) for v in recipe.vocabularies],
+            [v.load() for v in recipe.vocabularies],
             model.get_tokenizer(),
             num_examples=cs["num_examples"],
             num_candidates=cs["num_candidates"],
