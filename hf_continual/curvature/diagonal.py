@@ -111,12 +111,10 @@ class DiagonalFisher(Curvature):
 
     def add_penalty_grad_(
         self, params: Mapping[str, torch.Tensor] | nn.Module, anchors: Mapping[str, torch.Tensor], lam: float
-    ) -> float:
-        """Add ``lam * f * (p - anchor)`` into ``p.grad`` for covered ``params``; return ``lam/2 * quadratic``.
-
-        Same signature as ``KFACFisher.add_penalty_grad_``. Names are aligned here (cheap); the kernel is the
-        module-level :func:`add_penalty_grad_`. Parameters without an anchor are left alone.
-        """
+    ) -> torch.Tensor:
+        """Add ``lam * f * (p - anchor)`` into ``p.grad`` for covered ``params``; return ``lam/2 * quadratic``
+        (detached tensor). Names are aligned here (cheap); the kernel is the module-level
+        :func:`add_penalty_grad_`. Parameters without an anchor are left alone."""
         named = dict(params.named_parameters()) if isinstance(params, nn.Module) else params
         names = [n for n in named if n in self.fisher and n in anchors]
         ps = [named[n] for n in names]
@@ -131,8 +129,9 @@ def add_penalty_grad_(
     anchors: Sequence[torch.Tensor],
     fisher: Sequence[torch.Tensor],
     lam: float,
-) -> float:
-    """In place ``p.grad += lam * F * (p - p*)`` for aligned lists; return ``lam/2 * sum F (p - p*)^2``.
+) -> torch.Tensor:
+    """In place ``p.grad += lam * F * (p - p*)`` for aligned lists; return ``lam/2 * sum F (p - p*)^2`` as a
+    detached fp32 0-dim tensor on the parameters' device (no host sync: the caller reads it when it logs).
 
     Runs once per optimizer step (after gradient accumulation and all-reduce, before ``optimizer.step()``), with
     ``torch._foreach_*`` kernels and no autograd graph: cheaper than building the penalty through autograd.
@@ -140,17 +139,19 @@ def add_penalty_grad_(
     dtype and device per index.
     """
     if not params:
-        return 0.0
+        return torch.zeros(())
     delta = torch._foreach_sub(list(params), list(anchors))
     fd = torch._foreach_mul(delta, list(fisher))
-    value = torch.stack([torch.dot(d.reshape(-1), f.reshape(-1)) for d, f in zip(delta, fd)]).sum()
+    value = torch.stack(
+        [torch.dot(d.reshape(-1), f.reshape(-1)).float().to(delta[0].device) for d, f in zip(delta, fd)]
+    ).sum()
     with_grad = [(p.grad, g) for p, g in zip(params, fd) if p.grad is not None]
     if with_grad:
         torch._foreach_add_([g for g, _ in with_grad], [f for _, f in with_grad], alpha=lam)
     for p, f in zip(params, fd):
         if p.grad is None:
             p.grad = f.mul_(lam)
-    return 0.5 * lam * float(value)
+    return value.mul_(0.5 * lam)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -181,11 +181,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _dist_world() -> tuple[int, int]:
+def _dist_world(group: Any = None) -> tuple[int, int]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
@@ -343,6 +343,7 @@ def estimate_fisher(
     seed: int | None = None,
     shard: bool = True,
     collector: FisherCollector | None = None,
+    process_group: Any = None,
     **kfac_kwargs: Any,
 ) -> Curvature:
     """Estimate the Fisher of ``model`` on ``dataset`` with exact per-example gradients.
@@ -368,6 +369,7 @@ def estimate_fisher(
         seed: seed for the label draws, per example (identical labels whatever the sharding); None uses the
             global RNG.
         collector: use this collector instead of the one ``kind`` names.
+        process_group: the ``torch.distributed`` group to shard over and reduce across (None: the default group).
         **kfac_kwargs: passed to ``KFACCollector``.
 
     The model is put in eval mode (each module's mode restored afterwards), only parameters with
@@ -391,7 +393,7 @@ def estimate_fisher(
     n_draws = mc_samples if fisher_type == "true" else 1
 
     model = unwrap_model(model)
-    rank, world = _dist_world()
+    rank, world = _dist_world(process_group)
     if distributed is None:
         distributed = world > 1
     elif distributed and world == 1:
@@ -489,9 +491,9 @@ def estimate_fisher(
         import torch.distributed as dist
 
         for key in sorted(sums):
-            dist.all_reduce(sums[key], op=dist.ReduceOp.SUM)
+            dist.all_reduce(sums[key], op=dist.ReduceOp.SUM, group=process_group)
         n = torch.tensor([num_examples], dtype=torch.float64, device=device)
-        dist.all_reduce(n, op=dist.ReduceOp.SUM)
+        dist.all_reduce(n, op=dist.ReduceOp.SUM, group=process_group)
         num_examples = int(n.item())
     return collector.finalize(sums, num_examples, n_draws)
 

@@ -23,7 +23,6 @@ stored in bfloat16. ``quadratic``/``matvec`` work directly in either form.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import re
@@ -36,12 +35,14 @@ import torch
 from torch import nn
 
 from ._hooks import LayerCapture, Record
-from .base import Curvature, Params
+from .base import Curvature, Params, curvature_class
 
 KFACMode = Literal["expand", "reduce"]
 CrossTask = Literal["merged", "per_task"]
 
 _META_KEY = "kfac.__meta__"
+#: ``diagonal_class`` values written by earlier versions -> curvature kind (old state files still load)
+_LEGACY_DIAGONAL_CLASSES = {"hf_continual.curvature.diagonal:DiagonalFisher": "diagonal"}
 #: default sequence convention (see the module docstring and bench/bench_kfac.py for the measurement)
 DEFAULT_MODE: KFACMode = "reduce"
 #: reduce-mode rows buffered per factor sum before one stacked outer product (KFACCollector._add_rows_)
@@ -49,8 +50,6 @@ PENDING_ROWS = 256
 #: per-layer overrides applied under ``reduce`` unless ``layer_modes`` is given: the attention key projection of
 #: BERT-style models gets ``expand`` (under ``reduce`` its G vanishes: see KFACCollector)
 DEFAULT_LAYER_MODES: dict[str, KFACMode] = {r"attention\.self\.key$": "expand"}
-#: default across-task mode; to be confirmed on the real task stream (see KFACFisher.merge)
-DEFAULT_CROSS_TASK: CrossTask = "merged"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -65,13 +64,17 @@ class DenseFactor:
 
     def __init__(self, mat: torch.Tensor) -> None:
         self.mat = mat
+        self._trace: float | None = None
 
     @property
     def dim(self) -> int:
         return self.mat.shape[0]
 
     def trace(self) -> float:
-        return float(self.mat.diagonal().sum(dtype=torch.float64))
+        """Cached (factors are never changed in place): the damping shifts of every step read no device."""
+        if self._trace is None:
+            self._trace = float(self.mat.diagonal().sum(dtype=torch.float64))
+        return self._trace
 
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.mat.to(dtype)
@@ -115,6 +118,9 @@ class EigFactor:
             q if q.stride() == _row_major_strides(q.shape) else q.clone(memory_format=torch.contiguous_format)
         )
         self.lam, self.rho = lam, rho
+        #: ``rho`` as a Python float, read once here rather than from the device at every penalty step
+        self.rho_value = float(rho)
+        self._trace: float | None = None
 
     @property
     def dim(self) -> int:
@@ -125,11 +131,13 @@ class EigFactor:
         return self.q.shape[1]
 
     def trace(self) -> float:
-        return float(self.lam.sum(dtype=torch.float64)) + float(self.rho) * (self.dim - self.rank)
+        if self._trace is None:
+            self._trace = float(self.lam.sum(dtype=torch.float64)) + self.rho_value * (self.dim - self.rank)
+        return self._trace
 
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = self.q.to(dtype)
-        rho = float(self.rho)
+        rho = self.rho_value
         out = (q * (self.lam.to(dtype) - rho)) @ q.T
         if rho:
             out.diagonal().add_(rho)
@@ -137,13 +145,13 @@ class EigFactor:
 
     def left(self, x: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
         q = self.q.to(x.dtype)
-        rho = float(self.rho)
+        rho = self.rho_value
         y = q @ ((self.lam.to(x.dtype) - rho)[:, None] * (q.T @ x))
         return y.add_(x, alpha=rho + shift) if rho + shift else y
 
     def right(self, x: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
         q = self.q.to(x.dtype)
-        rho = float(self.rho)
+        rho = self.rho_value
         y = ((x @ q) * (self.lam.to(x.dtype) - rho)) @ q.T
         return y.add_(x, alpha=rho + shift) if rho + shift else y
 
@@ -159,6 +167,10 @@ Factor = DenseFactor | EigFactor
 
 
 def _factor_from_tensors(form: str, t: Mapping[str, torch.Tensor]) -> Factor:
+    """A factor from saved tensors, each copied into its own allocation: tensors read from a safetensors file can
+    be views at any offset of one buffer, and BLAS picks its kernels by alignment, so the reloaded penalty would
+    differ from the saved one in the last bits."""
+    t = {k: v.clone() for k, v in t.items()}
     if form == "dense":
         return DenseFactor(t["mat"])
     if form == "eig":
@@ -368,7 +380,7 @@ class KFACFisher(Curvature):
         if isinstance(t.A, EigFactor) and isinstance(t.G, EigFactor):
             # in the eigenbases: F = Q D Q^T + r I with D = lam - rho, r = rho + shift
             qa, qg = t.A.q.to(x.dtype), t.G.q.to(x.dtype)
-            ra, rg = float(t.A.rho) + sa, float(t.G.rho) + sg
+            ra, rg = t.A.rho_value + sa, t.G.rho_value + sg
             da, dg = t.A.lam.to(x.dtype) + sa - ra, t.G.lam.to(x.dtype) + sg - rg
             y = x @ qa  # [out, kA]
             c = qg.T @ y  # [kG, kA]
@@ -385,39 +397,38 @@ class KFACFisher(Curvature):
         xa = t.A.right(x, sa)
         return (gx * xa).sum(dtype=torch.float64)
 
-    # --- penalty helper -------------------------------------------------------------------------------------
+    # --- penalty kernel -------------------------------------------------------------------------------------
+    @torch.no_grad()
     def add_penalty_grad_(
         self,
         params: Mapping[str, torch.Tensor] | nn.Module,
         anchors: Mapping[str, torch.Tensor],
         lam: float,
-    ) -> float:
-        """Add ``lam * F (p - p*)`` into ``p.grad`` in place; return ``lam/2 * delta^T F delta``.
+    ) -> torch.Tensor:
+        """Add ``lam * F (p - p*)`` into ``p.grad`` in place; return ``lam/2 * delta^T F delta`` (detached fp32
+        0-dim tensor on the parameters' device, no host sync).
 
-        K-FAC layers: one closed-form matvec each, the value as ``<delta, F delta>`` (no work done twice); the
-        diagonal part uses its own (``torch._foreach_*``) ``penalty_grad_`` when it has one.
+        Per Linear layer one closed-form product (:func:`_eig_layer_penalty_grad_` for low-rank eigen factors,
+        else :func:`_layer_penalty_grad_`), the value as ``<delta, F delta>`` (no work done twice); the diagonal
+        part through its own kernel (``DiagonalFisher``: ``torch._foreach_*``).
         """
         named = dict(params.named_parameters()) if isinstance(params, nn.Module) else dict(params)
-        value = 0.0
-        generic = []
-        for layer in self.layers:
-            if _low_rank_eig(layer) and layer.weight in named and layer.weight in anchors:
-                value += _eig_layer_penalty_grad_(layer, named, anchors, lam, self.damping)
-            else:
-                generic.append(layer)
-        if generic:
-            kfac_only = KFACFisher(generic, None, self.damping, self.cross_task, self.mode, self.task_weight)
-            value += float(curvature_penalty_grad_(kfac_only, named, anchors, lam))
-        if self.diagonal is not None:
-            dn = [n for n in self.diagonal.param_names if n in named and n in anchors]
-            if hasattr(self.diagonal, "penalty_grad_"):
-                value += float(self.diagonal.penalty_grad_({n: named[n] for n in dn}, anchors, lam))
-            else:
-                value += float(curvature_penalty_grad_(self.diagonal, named, anchors, lam))
-        return value
+        total: torch.Tensor | None = None
 
-    #: alias with the name ``DiagonalFisher`` uses
-    penalty_grad_ = add_penalty_grad_
+        def add(v: torch.Tensor) -> None:
+            nonlocal total
+            total = v if total is None else total + v.to(total.device)
+
+        for layer in self.layers:
+            if layer.weight not in named or layer.weight not in anchors:
+                continue
+            if _low_rank_eig(layer):
+                add(_eig_layer_penalty_grad_(layer, named, anchors, lam, self.damping))
+            else:
+                add(_layer_penalty_grad_(self, layer, named, anchors, lam))
+        if self.diagonal is not None:
+            add(self.diagonal.add_penalty_grad_(named, anchors, lam))
+        return torch.zeros(()) if total is None else total
 
     # --- across tasks ---------------------------------------------------------------------------------------
     def merge(self, other: Curvature, decay: float = 1.0) -> KFACFisher:
@@ -548,8 +559,7 @@ class KFACFisher(Curvature):
                         out[f"kfac.{i}.{j}.{side}.{k}"] = v
             meta["layers"].append(lm)
         if self.diagonal is not None:
-            cls = type(self.diagonal)
-            meta["diagonal_class"] = f"{cls.__module__}:{cls.__qualname__}"
+            meta["diagonal_kind"] = self.diagonal.kind
             for k, v in self.diagonal.state_dict().items():
                 out[f"diag.{k}"] = v
         seen: set[int] = set()
@@ -579,10 +589,13 @@ class KFACFisher(Curvature):
                 terms.append(KronTerm(sides["A"], sides["G"], float(tm["scale"])))
             layers.append(KFACLayer(lm["module"], lm["weight"], lm["bias"], terms))
         diag = None
-        if "diagonal_class" in meta:
-            mod, qual = meta["diagonal_class"].split(":")
-            dcls = getattr(importlib.import_module(mod), qual)
-            diag = dcls.from_state_dict({k[5:]: v for k, v in state.items() if k.startswith("diag.")})
+        # the class comes from the curvature registry; files written before it named a module path instead
+        kind = meta.get("diagonal_kind") or _LEGACY_DIAGONAL_CLASSES.get(meta.get("diagonal_class", ""))
+        if kind is None and "diagonal_class" in meta:
+            raise ValueError(f"unknown diagonal curvature {meta['diagonal_class']!r} in a K-FAC state")
+        if kind is not None:
+            part = {k[5:]: v for k, v in state.items() if k.startswith("diag.")}
+            diag = curvature_class(kind).from_state_dict(part)
         return cls(
             layers,
             diag,
@@ -620,8 +633,9 @@ def _eig_layer_penalty_grad_(
     anchors: Mapping[str, torch.Tensor],
     lam: float,
     damping: float,
-) -> float:
-    """``grad += lam * G' X A'`` for one layer whose factors are all :class:`EigFactor`; returns ``lam/2 <X, G'X A'>``.
+) -> torch.Tensor:
+    """``grad += lam * G' X A'`` for one layer whose factors are all :class:`EigFactor`; returns ``lam/2 <X, G'X A'>``
+    (detached fp32 tensor).
 
     With ``F' = Q D Q^T + r I`` for both (damped) factors, ``P = X Q_A`` and ``R = Q_G^T X``::
 
@@ -640,13 +654,13 @@ def _eig_layer_penalty_grad_(
     n_in = dw.shape[1]
     grad_w = _fp32_grad(w)
     grad_b = _fp32_grad(named[b_name]) if has_b else None  # type: ignore[index]
-    total = 0.0
+    total: torch.Tensor | None = None
     for t in layer.terms:
         A, G = t.A, t.G
         assert isinstance(A, EigFactor) and isinstance(G, EigFactor)
         sa, sg = damping_shifts(A, G, damping)
         qa, qg = A.q.to(dw), G.q.to(dw)
-        ra, rg = float(A.rho) + sa, float(G.rho) + sg
+        ra, rg = A.rho_value + sa, G.rho_value + sg
         da, dg = A.lam.to(dw) + sa - ra, G.lam.to(dw) + sg - rg
         qa_w = qa[:n_in]
         p_ = dw @ qa_w  # [out, kA]
@@ -660,32 +674,33 @@ def _eig_layer_penalty_grad_(
         c = qg.T @ pd  # Q_G^T P D_A   [kG, kA]
         u_w = torch.addmm(r_w, c, qa_w.T, beta=ra, alpha=1.0) if ra else c @ qa_w.T
         u_w.mul_(dg[:, None])
-        val = float(torch.vdot(r_w.reshape(-1), u_w.reshape(-1)))
+        val = torch.vdot(r_w.reshape(-1), u_w.reshape(-1)).to(torch.float64)
         u_b = None
         if r_b is not None:
             u_b = (c @ qa[n_in] + ra * r_b) * dg
-            val += float(torch.dot(r_b, u_b))
+            val = val + torch.dot(r_b, u_b)
         alpha = lam * t.scale
         grad_w.addmm_(qg, u_w, alpha=alpha)
         if grad_b is not None and u_b is not None:
             grad_b.add_(qg @ u_b, alpha=alpha)
         if rg:
-            val += rg * float((p_ * pd).sum())
+            val = val + rg * (p_ * pd).sum(dtype=torch.float64)
             grad_w.addmm_(pd, qa_w.T, alpha=alpha * rg)
             if grad_b is not None and u_b is not None:
                 grad_b.add_(pd @ qa[n_in], alpha=alpha * rg)
         if ra and rg:
-            sq = float(torch.vdot(dw.reshape(-1), dw.reshape(-1)))
+            sq = torch.vdot(dw.reshape(-1), dw.reshape(-1)).to(torch.float64)
             grad_w.add_(dw, alpha=alpha * ra * rg)
             if db is not None and grad_b is not None:
-                sq += float(torch.dot(db, db))
+                sq = sq + torch.dot(db, db)
                 grad_b.add_(db, alpha=alpha * ra * rg)
-            val += ra * rg * sq
-        total += t.scale * val
+            val = val + ra * rg * sq
+        total = t.scale * val if total is None else total + t.scale * val
     for name, g in ((w_name, grad_w), (b_name, grad_b)):
         if name is not None and g is not None and g is not named[name].grad:  # a low-precision .grad
             named[name].grad.add_(g.to(named[name].grad.dtype))  # type: ignore[union-attr]
-    return 0.5 * lam * total
+    assert total is not None
+    return (0.5 * lam * total).to(torch.float32)
 
 
 def _low_rank_eig(layer: KFACLayer) -> bool:
@@ -708,36 +723,35 @@ def _fp32_grad(p: torch.Tensor) -> torch.Tensor:
     return p.grad if p.grad.dtype == torch.float32 else torch.zeros_like(p.grad, dtype=torch.float32)
 
 
-def curvature_penalty_grad_(
-    curvature: Curvature,
-    params: Mapping[str, torch.Tensor] | nn.Module,
+def _layer_penalty_grad_(
+    fisher: KFACFisher,
+    layer: KFACLayer,
+    named: Mapping[str, torch.Tensor],
     anchors: Mapping[str, torch.Tensor],
     lam: float,
 ) -> torch.Tensor:
-    """Add ``lam * F (theta - theta*)`` into ``p.grad`` and return ``lam/2 * delta^T F delta`` (detached).
-
-    One ``matvec``; the value is ``<delta, F delta>``, so no work is done twice. Parameters without an anchor
-    or not covered by ``curvature`` are left alone. Call after gradient accumulation/all-reduce, before
-    ``optimizer.step()``.
-    """
-    named = dict(params.named_parameters()) if isinstance(params, nn.Module) else dict(params)
-    with torch.no_grad():
-        covered = set(curvature.param_names)
-        delta = {
-            n: named[n].detach() - anchors[n].to(named[n].device)
-            for n in covered
-            if n in named and n in anchors
-        }
-        fd = curvature.matvec(delta)
-        total = torch.zeros((), dtype=torch.float64)
-        for n, v in fd.items():
-            total += torch.dot(delta[n].reshape(-1).to(v.dtype), v.reshape(-1)).to(torch.float64).cpu()
-            p = named[n]
-            if p.grad is None:
-                p.grad = (lam * v).to(p.dtype)
-            else:
-                p.grad.add_(v.to(p.grad.dtype), alpha=lam)
-    return (0.5 * lam * total).to(torch.float32)
+    """``grad += lam * G' X A'`` for one layer (``X = [dW | db]``, any factor form); returns ``lam/2 <X, G'X A'>``
+    as a detached fp32 tensor."""
+    w = named[layer.weight]
+    delta = {layer.weight: w.detach() - anchors[layer.weight].to(w.device)}
+    b_name = layer.bias
+    if b_name is not None and b_name in named and b_name in anchors:
+        delta[b_name] = named[b_name].detach() - anchors[b_name].to(w.device)
+    x = fisher._stack(layer, delta)
+    assert x is not None
+    x = x.to(torch.float32)
+    y = fisher._layer_matvec(layer, x)
+    value = torch.vdot(x.reshape(-1), y.reshape(-1)).to(torch.float64)
+    n_in = delta[layer.weight].shape[1]
+    for name, g in ((layer.weight, y[:, :n_in] if b_name is not None else y), (b_name, y[:, -1])):
+        if name is None or name not in delta:
+            continue
+        p = named[name]
+        if p.grad is None:
+            p.grad = (lam * g).to(p.dtype).contiguous()
+        else:
+            p.grad.add_(g.to(p.grad.dtype), alpha=lam)
+    return (0.5 * lam * value).to(torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1110,9 +1124,3 @@ class KFACCollector:
             if pend:
                 _add_outer_(self._sums[k], pend[0] if len(pend) == 1 else torch.cat(pend), self._buffers)
 
-
-def kfac_layers_of(
-    model: nn.Module, include: str | Callable[[str, nn.Module], bool] | None = None
-) -> list[str]:
-    """Names of the Linear modules a :class:`KFACCollector` with this ``include`` covers."""
-    return list(KFACCollector(include=include).select(model))
