@@ -26,7 +26,9 @@ class Curvature(ABC):
         super().__init_subclass__(**kwargs)
         if "kind" in cls.__dict__:
             if CURVATURE_KINDS.get(cls.kind, cls) is not cls:
-                raise ValueError(f"curvature kind {cls.kind!r} is already registered by {CURVATURE_KINDS[cls.kind]}")
+                raise ValueError(
+                    f"curvature kind {cls.kind!r} is already registered by {CURVATURE_KINDS[cls.kind]}"
+                )
             CURVATURE_KINDS[cls.kind] = cls
 
     @property
