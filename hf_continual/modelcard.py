@@ -23,18 +23,20 @@ STREAM_METRICS = ("acc", "bwt", "fwt", "forgetting")
 
 
 def _hyper_parameters(results: dict[str, Any]) -> dict[str, Any]:
+    """The training fields of the card plus the continual fields the method uses (the method registry says
+    which: ``ContinualMethod.used_fields``)."""
+    from types import SimpleNamespace
+
+    from .methods import METHOD_REGISTRY
+    from .methods.base import continual_field_defaults
+
     cfg = results.get("config", {})
     method = results.get("method", cfg.get("continual_method"))
     keys = ["continual_method", "learning_rate", "num_train_epochs", "per_device_train_batch_size", "seed"]
-    if method in ("ewc", "online_ewc", "kfac") or cfg.get("fish_penalty", "none") != "none":
-        keys += ["continual_lambda", "fisher_type", "fisher_num_samples", "fisher_mc_samples"]
-    keys += {
-        "ewc": ["ewc_mode"],
-        "online_ewc": ["online_ewc_gamma"],
-        "kfac": ["kfac_mode", "kfac_damping", "kfac_cross_task", "kfac_rank"],
-        "fish": ["fish_keep_ratio", "fish_num_samples", "fish_scope", "fish_protect", "fish_penalty"],
-        "replay": ["replay_per_task"],
-    }.get(method, [])
+    cls = METHOD_REGISTRY.get(method)
+    if cls is not None:
+        view = SimpleNamespace(**{**continual_field_defaults(), **cfg})
+        keys += sorted(cls.used_fields(view) - {"continual_method"})
     return {k: cfg[k] for k in keys if k in cfg}
 
 
