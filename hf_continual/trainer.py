@@ -48,7 +48,8 @@ class ContinualTrainer(Trainer):
                 "ContinualConfig accepts every TrainingArguments field"
             )
         self._user_optimizers = kwargs.get("optimizers", (None, None))[0] is not None
-        self.continual = ContinualCallback(config=args)
+        # a fresh optimizer object per task (train()); one passed in by the user keeps its state across tasks
+        self.continual = ContinualCallback(config=args, reset_optimizer=not self._user_optimizers)
         super().__init__(model, args, *posargs, **kwargs)
         if self.compute_loss_func is None:
             self.model_accepts_loss_kwargs = False
