@@ -20,7 +20,7 @@ from hf_continual.toy import tiny_bert, toy_config, toy_stream
 TRAIN = dict(
     use_cpu=True,
     report_to="none",
-    num_train_epochs=2,
+    num_train_epochs=1,
     per_device_train_batch_size=16,
     learning_rate=2e-3,
     weight_decay=0.01,
