@@ -39,7 +39,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hf_continual.curvature import estimate_fisher  # noqa: E402
-from hf_continual.curvature.kfac import KFACFisher, curvature_penalty_grad_  # noqa: E402
+from hf_continual.curvature.base import curvature_penalty_grad_  # noqa: E402
+from hf_continual.curvature.kfac import KFACFisher  # noqa: E402
 
 KEY_LAYERS = r"attention\.self\.key$"
 
@@ -242,7 +243,7 @@ def _plain_pass(model, ids, am, labels, batch: int) -> None:
 
 def pending(n: int = 256, seq: int = 32, batch: int = 32, repeat: int = 3) -> dict:
     """Reduce factor pass with rows multiplied out per batch vs buffered (see the module docstring)."""
-    import hf_continual.curvature.kfac as kfac_mod
+    import hf_continual.curvature.collectors.kfac as kfac_mod
 
     model, ids, am, labels, data = _minilm_data(n, seq)
     variants = {
@@ -410,7 +411,7 @@ def cost(
             if generic:  # the generic path (one matvec), for comparison with the eigen-form fast path
                 curvature_penalty_grad_(fk, model, anchors, 1.0)
             else:
-                fk.penalty_grad_(model, anchors, 1.0)
+                fk.add_penalty_grad_(model, anchors, 1.0)
 
         pen()
         t = min(_timeit(pen, 1) for _ in range(5))

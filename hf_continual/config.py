@@ -13,7 +13,10 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
-METHODS = ("none", "ewc", "online_ewc", "kfac", "fish", "replay", "joint")
+from .methods.registry import METHOD_REGISTRY, method_names
+
+#: the built-in method names (the registry is the one list: a method registered later is accepted too)
+METHODS = method_names()
 FISHER_TYPES = ("true", "empirical")
 EWC_MODES = ("consolidated", "per_task")
 KFAC_MODES = ("expand", "reduce")
@@ -153,7 +156,7 @@ class ContinualConfig(TrainingArguments):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported; choose one of: {', '.join(allowed)}")
 
-        choice("continual_method", METHODS)
+        choice("continual_method", tuple(METHOD_REGISTRY))
         choice("fisher_type", FISHER_TYPES)
         choice("ewc_mode", EWC_MODES)
         choice("kfac_mode", KFAC_MODES)

@@ -23,18 +23,20 @@ STREAM_METRICS = ("acc", "bwt", "fwt", "forgetting")
 
 
 def _hyper_parameters(results: dict[str, Any]) -> dict[str, Any]:
+    """The training fields of the card plus the continual fields the method uses (the method registry says
+    which: ``ContinualMethod.used_fields``)."""
+    from types import SimpleNamespace
+
+    from .methods import METHOD_REGISTRY
+    from .methods.base import continual_field_defaults
+
     cfg = results.get("config", {})
     method = results.get("method", cfg.get("continual_method"))
     keys = ["continual_method", "learning_rate", "num_train_epochs", "per_device_train_batch_size", "seed"]
-    if method in ("ewc", "online_ewc", "kfac") or cfg.get("fish_penalty", "none") != "none":
-        keys += ["continual_lambda", "fisher_type", "fisher_num_samples", "fisher_mc_samples"]
-    keys += {
-        "ewc": ["ewc_mode"],
-        "online_ewc": ["online_ewc_gamma"],
-        "kfac": ["kfac_mode", "kfac_damping", "kfac_cross_task", "kfac_rank"],
-        "fish": ["fish_keep_ratio", "fish_num_samples", "fish_scope", "fish_protect", "fish_penalty"],
-        "replay": ["replay_per_task"],
-    }.get(method, [])
+    cls = METHOD_REGISTRY.get(method)
+    if cls is not None:
+        view = SimpleNamespace(**{**continual_field_defaults(), **cfg})
+        keys += sorted(cls.used_fields(view) - {"continual_method"})
     return {k: cfg[k] for k in keys if k in cfg}
 
 
@@ -85,12 +87,16 @@ def build_model_card(
     license: str | None = None,
     notes: str = "",
 ) -> ModelCard:
-    """A :class:`huggingface_hub.ModelCard` from a stream's results dict (see :mod:`hf_continual.stream`)."""
+    """A :class:`huggingface_hub.ModelCard` from a stream's results dict (see :mod:`hf_continual.stream`).
+
+    Without an ``accuracy_matrix`` (a model trained outside a stream, e.g. pushed from a Trainer) the card has
+    the task order, method and hyper-parameters and how to continue, and no results sections.
+    """
     tasks: list[str] = results["tasks"]
-    R = results["accuracy_matrix"]
+    R = results.get("accuracy_matrix") or []
     metric = results.get("metric", "score")
     method = results.get("method", "none")
-    final = R[-1]
+    final = R[-1] if R else []
     labels = task_labels(results)  # in training order, with the entity type of each task
     eval_results = [
         EvalResult(
@@ -104,10 +110,11 @@ def build_model_card(
             metric_value=round(float(final[j]), 6),
         )
         for j, task in enumerate(tasks)
+        if j < len(final)
     ]
     stream_name = " -> ".join(tasks)
     for key in STREAM_METRICS:
-        value = results["metrics"].get(key)
+        value = (results.get("metrics") or {}).get(key)
         if value is not None:
             eval_results.append(
                 EvalResult(
@@ -127,12 +134,28 @@ def build_model_card(
         license=license,
         library_name="transformers",
         tags=["continual-learning", method, "hf_continual"],
-        eval_results=eval_results,
+        eval_results=eval_results or None,
     )
     data_lines = _evaluation_data(results)
     hp = _hyper_parameters(results)
     hp_lines = "\n".join(f"- `{k}`: {v}" for k, v in hp.items())
     image = f"\n![accuracy matrix]({heatmap})\n" if heatmap else ""
+    results_sections = ""
+    if R:
+        results_sections = f"""## Accuracy matrix ({metric}, x100)
+
+Row "after X" is the model right after training task X; column Y is the score on task Y. "(start)" is the
+model before any task.
+
+{matrix_markdown(labels, R, results.get("initial"))}
+{image}
+## Stream metrics (points)
+
+ACC = mean final score; BWT = mean (final - right after learning) over earlier tasks; FWT = mean (score before
+training a task - starting score); forgetting = mean (best earlier score - final score).
+
+{metrics_markdown(results["metrics"])}
+"""
     body = f"""
 # {model_name}
 
@@ -151,19 +174,7 @@ continual method **{method}**{f", starting from `{base_model}`" if base_model el
 
 {data_lines}
 
-## Accuracy matrix ({metric}, x100)
-
-Row "after X" is the model right after training task X; column Y is the score on task Y. "(start)" is the
-model before any task.
-
-{matrix_markdown(labels, R, results.get("initial"))}
-{image}
-## Stream metrics (points)
-
-ACC = mean final score; BWT = mean (final - right after learning) over earlier tasks; FWT = mean (score before
-training a task - starting score); forgetting = mean (best earlier score - final score).
-
-{metrics_markdown(results["metrics"])}
+{results_sections}
 ## Continue training on a new task
 
 The continual state (anchors, curvature, masks, task history) is saved beside the weights

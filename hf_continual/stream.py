@@ -270,7 +270,8 @@ def _load_progress(
     with open(os.path.join(progress_dir, PROGRESS_FILE)) as fh:
         record = json.load(fh)
     done = len(record["R"])
-    trainer._load_from_checkpoint(progress_dir)  # weights, then the continual state saved beside them
+    trainer._load_from_checkpoint(progress_dir)  # weights
+    trainer.load_continual_state(progress_dir)  # then the continual state saved beside them
     seen = trainer.method.tasks_seen
     if seen != [t.name for t in tasks[:done]]:
         raise ValueError(

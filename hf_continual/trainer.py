@@ -1,4 +1,10 @@
-"""ContinualTrainer: a drop-in ``Trainer`` that protects earlier tasks while it learns new ones."""
+"""ContinualTrainer: a drop-in ``Trainer`` that protects earlier tasks while it learns new ones.
+
+A thin convenience over :class:`~hf_continual.callbacks.ContinualCallback` (the one code path for every method):
+it adds the callback, mixes replay / joint data in, starts each task with a fresh optimizer and a seed of its
+own, lets FISH regroup the fresh optimizer, saves the continual state beside the weights, and corrects the loss
+scaling of transformers 5 for models that take ``**kwargs``.
+"""
 
 from __future__ import annotations
 
@@ -6,43 +12,15 @@ import os
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import enable_full_determinism, set_seed
+from transformers import Trainer
+from transformers.trainer_utils import enable_full_determinism, get_last_checkpoint, set_seed
 
+from .callbacks import ContinualCallback, refuse_sharded_training
 from .config import ContinualConfig
-from .methods import ContinualMethod, build_method
-from .state import check_parameters_match, has_state, load_state, save_state
+from .methods import ContinualMethod
+from .state import has_state
 
-
-class _AfterOptimizerStep(TrainerCallback):
-    """Runs the method's ``after_optimizer_step`` right after every ``optimizer.step()``."""
-
-    def __init__(self, trainer: ContinualTrainer) -> None:
-        self.trainer = trainer
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.method.after_optimizer_step(self.trainer.model)
-
-
-def refuse_sharded_training(method: str, args: Any, distributed_type: Any) -> None:
-    """Raise for a curvature or mask method under sharded training (FSDP / DeepSpeed ZeRO).
-
-    The Fisher, K-FAC factors and masks are per whole parameter tensor: estimating them on shards would be
-    silently wrong. ``args`` is the ``TrainingArguments`` (its ``fsdp`` / ``deepspeed`` fields are read),
-    ``distributed_type`` the accelerator's ``DistributedType``.
-    """
-    from accelerate.utils import DistributedType
-
-    if method in ("none", "replay", "joint"):
-        return
-    sharded = distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None) or sharded:
-        raise ValueError(
-            f"continual_method={method!r} does not support sharded training (FSDP / DeepSpeed "
-            "ZeRO): the Fisher, K-FAC factors and masks need whole parameter tensors on every process. "
-            "Supported: one process, or DDP over several GPUs/nodes/CPU processes (accelerate MULTI_GPU, "
-            "torchrun)."
-        )
+__all__ = ["ContinualTrainer", "refuse_sharded_training"]
 
 
 class ContinualTrainer(Trainer):
@@ -56,6 +34,7 @@ class ContinualTrainer(Trainer):
     normalised its loss by ``num_items_in_batch`` - BERT heads do not. We treat every model loss as a per-batch
     mean (``model_accepts_loss_kwargs = False``), so the update of one global batch is the same with 1 process,
     with gradient accumulation and with several processes, and the penalty keeps its weight relative to the task.
+    A plain ``Trainer`` with the callback keeps transformers' scaling (see README, "Drop-in").
     """
 
     def __init__(
@@ -69,33 +48,46 @@ class ContinualTrainer(Trainer):
                 "ContinualConfig accepts every TrainingArguments field"
             )
         self._user_optimizers = kwargs.get("optimizers", (None, None))[0] is not None
+        # a fresh optimizer object per task (train()); one passed in by the user keeps its state across tasks
+        self.continual = ContinualCallback(config=args, reset_optimizer=not self._user_optimizers)
         super().__init__(model, args, *posargs, **kwargs)
         if self.compute_loss_func is None:
             self.model_accepts_loss_kwargs = False
-        self.method: ContinualMethod = build_method(args)
-        self._refuse_sharded_training()
-        self.add_callback(_AfterOptimizerStep(self))
-        self._penalty_sum = 0.0
-        self._penalty_count = 0
+        self.continual.check_args(self.args, self.accelerator.distributed_type)
+        # first in line: the penalty it adds to a log reaches the reporters and printers after it
+        self.callback_handler.callbacks.insert(0, self.continual)
 
-    def _refuse_sharded_training(self) -> None:
-        refuse_sharded_training(self.method.name, self.args, self.accelerator.distributed_type)
+    @property
+    def method(self) -> ContinualMethod:
+        """The continual method (its state: ``tasks_seen``, penalty terms, FISH masks, ...)."""
+        return self.continual.method
+
+    @method.setter
+    def method(self, value: ContinualMethod) -> None:
+        self.continual.method = value
 
     # ---- task boundaries ---------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """Train on ``self.train_dataset`` (mixed with old data for replay/joint) with a fresh optimizer."""
         if not self._user_optimizers:
             self.optimizer, self.lr_scheduler = None, None
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if resume_from_checkpoint and has_state(resume_from_checkpoint):  # first: the task count is in it
+            self.continual.load_state(resume_from_checkpoint, self.model)
         # each task starts from a seed of its own: reproducible, resumable streams. Also when resuming: the
         # shuffling sampler takes its seed from torch.initial_seed() (the checkpoint's RNG state is restored
         # later, by the Trainer), so a resumed task replays the same data order.
         task_seed = self.args.seed + len(self.method.tasks_seen)
         enable_full_determinism(task_seed) if self.args.full_determinism else set_seed(task_seed)
         task_dataset = self.train_dataset
-        self.train_dataset = self.method.prepare_train_dataset(task_dataset)
+        self.train_dataset = self.continual.prepare_train_dataset(task_dataset)
         try:
-            self.method.on_task_begin(self, task_dataset)
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            if not resume_from_checkpoint:
+                self.continual.begin_task(self.model, task_dataset, self.data_collator)
+            return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
         finally:
             self.train_dataset = task_dataset
 
@@ -108,72 +100,57 @@ class ContinualTrainer(Trainer):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if dataset is None:
             raise ValueError("end_task needs the task's train_dataset (none was given and trainer has none)")
-        name = task_name or f"task_{len(self.method.tasks_seen)}"
-        self.model.eval()
-        self.method.end_task(self, dataset, name)
+        self.continual.end_task(self.model, dataset, data_collator=self.data_collator, task_name=task_name)
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
         """The Trainer's optimizer, then the method's adjustment (before the LR scheduler is built)."""
         fresh = self.optimizer is None
         optimizer = super().create_optimizer(*args, **kwargs)
         if fresh and not self._user_optimizers:
-            self.method.configure_optimizer(self.optimizer)
+            self.continual.configure_optimizer(self.optimizer)
         return optimizer
 
-    # ---- the one place per optimizer step where the penalty gradient is added ------------------------------
-    def _get_grad_norm(self, model, grad_norm=None):
-        """Called once per optimizer step after accumulation, all-reduce and (when on) clipping, right before
-        ``optimizer.step()``: the penalty gradient is added here, so ``max_grad_norm`` clips the task gradient
-        only and the logged ``grad_norm`` is the task gradient's.
-
-        With the penalty added before clipping, a penalty gradient above ``max_grad_norm`` made the clip rescale
-        every step by a distance-dependent factor; measured on the dev stream (K-FAC, lambda 1e5): forgetting
-        2.50 points that way, 0.50 this way (``bench/clip_check.py``).
-        """
-        out = super()._get_grad_norm(model, grad_norm=grad_norm)
-        value = self.method.apply_gradients(self.model)
-        if value is not None:
-            self._penalty_sum += float(value)
-            self._penalty_count += 1
-        return out
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._penalty_count and "loss" in logs:
-            logs["continual_penalty"] = round(self._penalty_sum / self._penalty_count, 6)
-            self._penalty_sum, self._penalty_count = 0.0, 0
-        super().log(logs, start_time)
-
-    # ---- continual state travels with weights and checkpoints --------------------------------------------
+    # ---- continual state travels with weights, checkpoints and Hub pushes ----------------------------------
     def continual_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, metadata) of the method plus the config and the model's parameter shapes."""
-        tensors, meta = self.method.state_dict()
-        record = {
-            "method": self.method.name,
-            "method_state": meta,
-            "config": self.args.continual_dict(),
-            "parameter_shapes": {n: list(p.shape) for n, p in self.model.named_parameters()},
-        }
-        return tensors, record
+        return self.continual.state_dict(self.model)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Weights, then the continual state beside them (checkpoints get it from the callback's ``on_save``)."""
         super().save_model(output_dir, _internal_call=_internal_call)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.args.should_save:
-            tensors, record = self.continual_state()
-            save_state(output_dir, tensors, record)
+        checkpoint_save = _internal_call and output_dir is not None
+        if self.args.should_save and not checkpoint_save:
+            self.continual.save_state(
+                output_dir if output_dir is not None else self.args.output_dir, self.model
+            )
 
     def load_continual_state(self, directory: str | os.PathLike) -> None:
         """Restore the method's state saved by :meth:`save_model` (e.g. from a published model directory)."""
-        tensors, record = load_state(directory)
-        if record.get("method") != self.method.name:
-            raise ValueError(
-                f"{directory}: continual state was saved by method {record.get('method')!r} but this trainer "
-                f"runs continual_method={self.method.name!r}"
-            )
-        check_parameters_match(self.model, record.get("parameter_shapes", {}), directory)
-        self.method.load_state_dict(tensors, record["method_state"])
+        self.continual.load_state(directory, self.model)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        if has_state(resume_from_checkpoint):
-            self.load_continual_state(resume_from_checkpoint)
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The continual model card as ``README.md`` in ``args.output_dir`` (what ``push_to_hub`` uploads): from
+        the stream's ``results.json`` there when it exists (accuracy matrix, metrics), else from the continual
+        state (method, tasks seen, hyper-parameters). Takes the Trainer's keyword arguments; ``finetuned_from``
+        and ``license`` are used, the others are Trainer-card fields with no place in this card."""
+        if not self.is_world_process_zero():
+            return
+        from .modelcard import write_model_card
+        from .stream import RESULTS_FILE, load_results
+
+        results_path = os.path.join(self.args.output_dir, RESULTS_FILE)
+        if os.path.isfile(results_path):
+            results = load_results(results_path)
+        else:
+            results = {
+                "method": self.method.name,
+                "tasks": list(self.method.tasks_seen),
+                "config": {**self.args.to_yaml_dict(), **self.args.continual_dict()},
+            }
+        write_model_card(
+            self.args.output_dir,
+            results,
+            model_name=kwargs.get("model_name"),
+            base_model=kwargs.get("finetuned_from"),
+            license=kwargs.get("license"),
+        )

@@ -55,7 +55,7 @@ def _penalty_after_perturbation(trainer):
             p.add_(0.01 * torch.randn_like(p))
     for p in trainer.model.parameters():
         p.grad = None
-    value = trainer.method.apply_gradients(trainer.model)
+    value = float(trainer.method.apply_gradients(trainer.model))  # a detached tensor: read it here
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     return value, grads
 

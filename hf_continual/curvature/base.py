@@ -9,6 +9,7 @@ differs (diagonal, Kronecker-factored, ...). A representation knows how to compu
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 
 import torch
 
@@ -24,6 +25,10 @@ class Curvature(ABC):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "kind" in cls.__dict__:
+            if CURVATURE_KINDS.get(cls.kind, cls) is not cls:
+                raise ValueError(
+                    f"curvature kind {cls.kind!r} is already registered by {CURVATURE_KINDS[cls.kind]}"
+                )
             CURVATURE_KINDS[cls.kind] = cls
 
     @property
@@ -57,35 +62,53 @@ class Curvature(ABC):
         """Bytes held by the tensors of ``state_dict()``."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
-    @torch.no_grad()
     def add_penalty_grad_(
         self, params: dict[str, torch.Tensor] | torch.nn.Module, anchors: dict[str, torch.Tensor], lam: float
-    ) -> float:
-        """Add ``lam * F (p - anchor)`` into ``p.grad`` of covered parameters; return ``lam/2 * quadratic``.
+    ) -> torch.Tensor:
+        """Add ``lam * F (p - anchor)`` into ``p.grad`` of covered parameters; return ``lam/2 * quadratic``
+        (a detached 0-dim fp32 tensor on the parameters' device: no host sync).
 
-        Generic version through :meth:`matvec` (no autograd graph); representations override it with a faster
-        kernel. Parameters without an anchor are left alone.
+        This default is the generic kernel (:func:`curvature_penalty_grad_`, through :meth:`matvec`); each
+        built-in representation overrides it with its own. Parameters without an anchor are left alone.
         """
-        named = dict(params.named_parameters()) if isinstance(params, torch.nn.Module) else params
-        delta = {
-            n: named[n].detach() - anchors[n].to(named[n].device)
-            for n in self.param_names
-            if n in named and n in anchors
-        }
-        total = 0.0
-        for n, g in self.matvec(delta).items():
-            p = named[n]
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad.add_(g.to(p.grad.dtype), alpha=lam)
-            total += float(torch.dot(delta[n].reshape(-1).float(), g.reshape(-1).float()))
-        return 0.5 * lam * total
+        return curvature_penalty_grad_(self, params, anchors, lam)
 
     def to(self, device: torch.device | str) -> Curvature:
         """Return a copy on ``device``."""
         return type(self).from_state_dict({k: v.to(device) for k, v in self.state_dict().items()})
 
 
+@torch.no_grad()
+def curvature_penalty_grad_(
+    curvature: Curvature,
+    params: Mapping[str, torch.Tensor] | torch.nn.Module,
+    anchors: Mapping[str, torch.Tensor],
+    lam: float,
+) -> torch.Tensor:
+    """The generic penalty kernel: ``p.grad += lam * F (p - p*)`` through one ``matvec``; returns
+    ``lam/2 * <delta, F delta>`` (detached fp32 0-dim tensor, no host sync). Parameters without an anchor or not
+    covered by ``curvature`` are left alone; a missing ``.grad`` becomes the penalty gradient."""
+    named = dict(params.named_parameters()) if isinstance(params, torch.nn.Module) else dict(params)
+    delta = {
+        n: named[n].detach() - anchors[n].to(named[n].device)
+        for n in curvature.param_names
+        if n in named and n in anchors
+    }
+    total: torch.Tensor | None = None
+    for n, v in curvature.matvec(delta).items():
+        term = torch.dot(delta[n].reshape(-1).to(v.dtype), v.reshape(-1)).to(torch.float64)
+        total = term if total is None else total + term.to(total.device)
+        p = named[n]
+        if p.grad is None:
+            p.grad = (lam * v).to(p.dtype)
+        else:
+            p.grad.add_(v.to(p.grad.dtype), alpha=lam)
+    if total is None:
+        return torch.zeros(())
+    return (0.5 * lam * total).to(torch.float32)
+
+
+#: representation name (``Curvature.kind``, written into saved state) -> class; filled by ``__init_subclass__``
 CURVATURE_KINDS: dict[str, type[Curvature]] = {}
 
 

@@ -2,7 +2,7 @@
 
 The loop is generic over *collectors* (:class:`FisherCollector`); a collector turns captured layer quantities into
 running sums and finally into a :class:`~hf_continual.curvature.base.Curvature`. ``DiagonalCollector`` gives a
-:class:`~hf_continual.curvature.diagonal.DiagonalFisher`; ``hf_continual.curvature.kfac.KFACCollector`` gives
+:class:`~hf_continual.curvature.diagonal.DiagonalFisher`; ``hf_continual.curvature.collectors.kfac.KFACCollector`` gives
 K-FAC factors.
 
 Per batch the estimator does ONE forward of the whole batch (eval mode, so examples do not interact) and, per
@@ -21,7 +21,7 @@ Collector protocol (:class:`FisherCollector`), called in this order::
     c.attach(model)                                   # once: choose layers, allocate sums, register hooks
     for each batch:
         c.begin_batch(B, r, attention_mask)           # B examples, r = model.rows_per_example(inputs) or 1
-        model(**inputs)                               # forward hooks record inputs/outputs (see _hooks.py)
+        model(**inputs)                               # forward hooks record inputs/outputs (see collectors/hooks.py)
         for each MC sample:
             backward of sum_n loss_n                  # towards c.grad_targets() (parameter grads not formed)
             c.after_backward()                        # consume the captured output grads: accumulate sums
@@ -36,10 +36,10 @@ gradients entirely; otherwise it falls back to ``backward()`` into the trainable
 saved and restored), ``fallback_params() -> dict[str, Parameter]`` and ``add_fallback(name, sq_grad_sum)``.
 ``sums()`` must return the same keys and shapes on every rank, even on a rank that saw no example.
 
-Helpers for collector authors: :class:`hf_continual.curvature._hooks.LayerCapture` records, per call of each
+Helpers for collector authors: :class:`hf_continual.curvature.collectors.hooks.LayerCapture` records, per call of each
 hooked module, the detached input, the output, the output gradient after a backward, the ``[R, T]`` token mask
 of the batch when it aligns with the module's rows, and the row -> example grouping (``Record.grouped``).
-:class:`CompositeCollector` runs several collectors in the same pass (e.g. K-FAC on Linear layers plus a
+``KFACCollector`` shows how to combine collectors in one pass (K-FAC on Linear layers, a
 ``DiagonalCollector(param_filter=...)`` for everything else).
 """
 
@@ -52,11 +52,11 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ._hooks import capture_paused
 from .base import Curvature
-from .diagonal import DiagonalCollector
+from .collectors.diagonal import DiagonalCollector
+from .collectors.hooks import capture_paused
 
-__all__ = ["FisherCollector", "CompositeCollector", "estimate_fisher", "unwrap_model"]
+__all__ = ["FisherCollector", "estimate_fisher", "unwrap_model"]
 
 _LABEL_KEYS = ("labels", "label", "label_ids")
 IGNORE_INDEX = -100
@@ -87,88 +87,6 @@ class FisherCollector(Protocol):
         """Build the curvature from the (reduced) sums, the global example count and the MC sample count."""
 
 
-class CompositeCollector:
-    """Several collectors in one pass; sums are namespaced ``"{part}:{key}"``.
-
-    ``combine`` builds the final curvature from the parts' results (``{part: Curvature}``); without it a single
-    part's result is returned as is. Example for K-FAC::
-
-        CompositeCollector({"kfac": factors, "diag": DiagonalCollector(param_filter=non_linear_names)},
-                           combine=lambda parts: KFAC(parts["kfac"], diagonal=parts["diag"]))
-    """
-
-    def __init__(
-        self,
-        parts: Mapping[str, FisherCollector],
-        combine: Callable[[dict[str, Curvature]], Curvature] | None = None,
-    ) -> None:
-        if any(":" in k for k in parts):
-            raise ValueError("part names may not contain ':'")
-        self.parts = dict(parts)
-        self.combine = combine
-        self._owner: dict[str, str] = {}
-
-    def attach(self, model: nn.Module) -> None:
-        for p in self.parts.values():
-            p.attach(model)
-
-    def begin_batch(
-        self, num_examples: int, rows_per_example: int, attention_mask: torch.Tensor | None
-    ) -> None:
-        for p in self.parts.values():
-            p.begin_batch(num_examples, rows_per_example, attention_mask)
-
-    def grad_targets(self) -> list[torch.Tensor] | None:
-        out: list[torch.Tensor] = []
-        for p in self.parts.values():
-            t = p.grad_targets() if hasattr(p, "grad_targets") else None
-            if t is None:
-                return None
-            out.extend(t)
-        return out
-
-    def after_backward(self) -> None:
-        for p in self.parts.values():
-            p.after_backward()
-
-    def detach(self) -> None:
-        for p in self.parts.values():
-            p.detach()
-
-    def fallback_params(self) -> dict[str, nn.Parameter]:
-        out: dict[str, nn.Parameter] = {}
-        self._owner = {}
-        for key, p in self.parts.items():
-            for n, t in (p.fallback_params() if hasattr(p, "fallback_params") else {}).items():
-                out[n] = t
-                self._owner[n] = key
-        return out
-
-    def add_fallback(self, name: str, sq_grad_sum: torch.Tensor) -> None:
-        self.parts[self._owner[name]].add_fallback(name, sq_grad_sum)
-
-    def sums(self) -> dict[str, torch.Tensor]:
-        return {f"{key}:{n}": t for key, p in self.parts.items() for n, t in p.sums().items()}
-
-    def finalize_parts(
-        self, sums: dict[str, torch.Tensor], num_examples: int, mc_samples: int
-    ) -> dict[str, Curvature]:
-        """Each part's curvature, from the namespaced sums."""
-        split: dict[str, dict[str, torch.Tensor]] = {k: {} for k in self.parts}
-        for full, t in sums.items():
-            key, n = full.split(":", 1)
-            split[key][n] = t
-        return {k: p.finalize(split[k], num_examples, mc_samples) for k, p in self.parts.items()}
-
-    def finalize(self, sums: dict[str, torch.Tensor], num_examples: int, mc_samples: int) -> Curvature:
-        parts = self.finalize_parts(sums, num_examples, mc_samples)
-        if self.combine is not None:
-            return self.combine(parts)
-        if len(parts) == 1:
-            return next(iter(parts.values()))
-        raise ValueError("CompositeCollector with several parts needs `combine`")
-
-
 # --------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------
@@ -181,11 +99,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _dist_world() -> tuple[int, int]:
+def _dist_world(group: Any = None) -> tuple[int, int]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
@@ -343,6 +261,7 @@ def estimate_fisher(
     seed: int | None = None,
     shard: bool = True,
     collector: FisherCollector | None = None,
+    process_group: Any = None,
     **kfac_kwargs: Any,
 ) -> Curvature:
     """Estimate the Fisher of ``model`` on ``dataset`` with exact per-example gradients.
@@ -368,6 +287,7 @@ def estimate_fisher(
         seed: seed for the label draws, per example (identical labels whatever the sharding); None uses the
             global RNG.
         collector: use this collector instead of the one ``kind`` names.
+        process_group: the ``torch.distributed`` group to shard over and reduce across (None: the default group).
         **kfac_kwargs: passed to ``KFACCollector``.
 
     The model is put in eval mode (each module's mode restored afterwards), only parameters with
@@ -383,7 +303,7 @@ def estimate_fisher(
                 raise TypeError(f"unexpected arguments for kind='diagonal': {sorted(kfac_kwargs)}")
             collector = DiagonalCollector()
         elif kind == "kfac":
-            from .kfac import KFACCollector
+            from .collectors.kfac import KFACCollector
 
             collector = KFACCollector(**kfac_kwargs)
         else:
@@ -391,7 +311,7 @@ def estimate_fisher(
     n_draws = mc_samples if fisher_type == "true" else 1
 
     model = unwrap_model(model)
-    rank, world = _dist_world()
+    rank, world = _dist_world(process_group)
     if distributed is None:
         distributed = world > 1
     elif distributed and world == 1:
@@ -489,9 +409,9 @@ def estimate_fisher(
         import torch.distributed as dist
 
         for key in sorted(sums):
-            dist.all_reduce(sums[key], op=dist.ReduceOp.SUM)
+            dist.all_reduce(sums[key], op=dist.ReduceOp.SUM, group=process_group)
         n = torch.tensor([num_examples], dtype=torch.float64, device=device)
-        dist.all_reduce(n, op=dist.ReduceOp.SUM)
+        dist.all_reduce(n, op=dist.ReduceOp.SUM, group=process_group)
         num_examples = int(n.item())
     return collector.finalize(sums, num_examples, n_draws)
 
