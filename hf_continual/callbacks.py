@@ -243,6 +243,7 @@ class ContinualCallback(TrainerCallback):
                     "callback.load_state(directory, model) before train() when the checkpoint lives elsewhere"
                 )
         self._loaded_for_resume = False
+        self.method.place_(model)  # once per train(): the Trainer may have moved the model since the state came
         if not resumed and self.reset_optimizer and optimizer is not None:
             inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
             if getattr(inner, "state", None):

@@ -133,7 +133,9 @@ class MaskedUpdates:
 
     def __init__(self, params: Mapping[str, torch.nn.Parameter], masks: Masks) -> None:
         self.params = dict(params)
-        self.masks = masks
+        # each mask where its parameter lives (a mask loaded from a file is on the CPU)
+        self.masks = {n: m.to(self.params[n].device) if n in self.params else m for n, m in masks.items()}
+        masks = self.masks
         self.start = {n: p.detach().clone() for n, p in self.params.items() if n in masks}
         self._handles = []
         # tensors with every entry trainable need no work; tensors with none get a zero gradient

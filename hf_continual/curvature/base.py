@@ -57,6 +57,31 @@ class Curvature(ABC):
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> Curvature:
         """Inverse of ``state_dict``."""
 
+    def to(self, device: torch.device | str) -> Curvature:
+        """This curvature with its floating tensors on ``device`` in at least fp32 (``self`` if already so).
+
+        Called once when a state is loaded or training starts (never per step): every later product then
+        runs where the parameters are, with no host-device copies. Generic through ``state_dict``.
+        """
+        device = torch.device(device)
+        state = self.state_dict()
+
+        def placed(t: torch.Tensor) -> bool:
+            return not t.is_floating_point() or (
+                t.device == device and t.dtype == torch.promote_types(t.dtype, torch.float32)
+            )
+
+        if all(placed(t) for t in state.values()):
+            return self
+        return type(self).from_state_dict(
+            {
+                k: t.to(device=device, dtype=torch.promote_types(t.dtype, torch.float32))
+                if t.is_floating_point()
+                else t
+                for k, t in state.items()
+            }
+        )
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the tensors of ``state_dict()``."""
@@ -73,9 +98,6 @@ class Curvature(ABC):
         """
         return curvature_penalty_grad_(self, params, anchors, lam)
 
-    def to(self, device: torch.device | str) -> Curvature:
-        """Return a copy on ``device``."""
-        return type(self).from_state_dict({k: v.to(device) for k, v in self.state_dict().items()})
 
 
 @torch.no_grad()

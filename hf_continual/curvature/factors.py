@@ -26,6 +26,10 @@ class DenseFactor:
     def dim(self) -> int:
         return self.mat.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.mat.device
+
     def trace(self) -> float:
         """Cached (factors are never changed in place): the damping shifts of every step read no device."""
         if self._trace is None:
@@ -81,6 +85,10 @@ class EigFactor:
     @property
     def dim(self) -> int:
         return self.q.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
 
     @property
     def rank(self) -> int:

@@ -348,9 +348,10 @@ class KFACFisher(Curvature):
             for layer in self.layers:
                 t = layer.terms[0]
                 din = t.A.dim - (1 if layer.bias is not None else 0)
-                delta[layer.weight] = torch.randn(t.G.dim, din, generator=gen)
+                dev = t.G.device  # drawn on the CPU (same draws on every device), used where the factors are
+                delta[layer.weight] = torch.randn(t.G.dim, din, generator=gen).to(dev)
                 if layer.bias is not None:
-                    delta[layer.bias] = torch.randn(t.G.dim, generator=gen)
+                    delta[layer.bias] = torch.randn(t.G.dim, generator=gen).to(dev)
             q = float(ref_k.quadratic(delta))
             errs.append(abs(float(app_k.quadratic(delta)) - q) / q if q > 0 else 0.0)
         return errs

@@ -83,6 +83,12 @@ def fp32_copy(p: torch.Tensor) -> torch.Tensor:
     return p.detach().to(dtype=torch.promote_types(p.dtype, torch.float32), copy=True)
 
 
+def place_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``t`` (an anchor or start value of parameter ``p``) on ``p``'s device in ``p``'s dtype, never below
+    fp32 (``t`` itself when already there)."""
+    return t.to(device=p.device, dtype=torch.promote_types(p.dtype, torch.float32))
+
+
 def continual_field_defaults() -> dict[str, Any]:
     """The continual fields of ``ContinualConfig`` (not those of ``TrainingArguments``) and their defaults."""
     from transformers import TrainingArguments
@@ -176,8 +182,14 @@ class ContinualMethod:
         self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], model: torch.nn.Module | None = None
     ) -> None:
         """Inverse of :meth:`state_dict`; ``model`` is the model the state will act on (FISH re-attaches the
-        mask of a task in progress to it)."""
+        mask of a task in progress to it; the state is placed on it, see :meth:`place_`)."""
         self.tasks_seen = list(meta.get("tasks_seen", []))
+
+    def place_(self, model: torch.nn.Module) -> None:
+        """Put every tensor of the state where the parameter it belongs to lives, once (at load, and when
+        training starts, since the Trainer may move the model after a load): the per-step work then makes no
+        host-device copies. Anchors take their parameter's dtype, never below fp32; curvature is fp32."""
+        return None
 
 
 register_method("none")(ContinualMethod)

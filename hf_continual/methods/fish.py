@@ -99,7 +99,7 @@ class Fish(ContinualMethod):
         self._params = params
         self.updates = MaskedUpdates(params, self.masks)
         if start is not None:
-            self.updates.start = {n: start[n].to(params[n].device) for n in self.updates.start}
+            self.updates.start = {n: start[n].to(params[n]) for n in self.updates.start}  # device and dtype
         self.updates.attach()
 
     def configure_optimizer(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -175,6 +175,19 @@ class Fish(ContinualMethod):
         self.old_fisher = curvature_class("diagonal").from_state_dict(old) if old else None
         if self.penalty is not None and "penalty" in meta:
             self.penalty.load_state_dict(part("penalty."), meta["penalty"], model)
+        if model is not None:
+            self.place_(model)
         params = trainable_parameters(model) if model is not None else self._params
         if meta.get("task_in_progress") and params is not None:
             self._start_updates(params, part("fish.start."))
+
+    def place_(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        if not params:
+            return
+        device = next(iter(params.values())).device
+        self.masks = {n: m.to(params[n].device if n in params else device) for n, m in self.masks.items()}
+        if self.old_fisher is not None:
+            self.old_fisher = self.old_fisher.to(device)
+        if self.penalty is not None:
+            self.penalty.place_(model)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..curvature.base import Curvature, curvature_class
-from .base import ContinualMethod, MethodContext, fp32_copy, trainable_parameters
+from .base import ContinualMethod, MethodContext, fp32_copy, place_like, trainable_parameters
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -105,6 +105,21 @@ class PenaltyMethod(ContinualMethod):
             anchor = {n[len(anchor_prefix) :]: t for n, t in tensors.items() if n.startswith(anchor_prefix)}
             curv = {n[len(curv_prefix) :]: t for n, t in tensors.items() if n.startswith(curv_prefix)}
             self.terms.append((anchor, curvature_class(info["curvature"]).from_state_dict(curv)))
+        if model is not None:
+            self.place_(model)
+
+    def place_(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        if not params or not self.terms:
+            return
+        device = next(iter(params.values())).device
+        self.terms = [
+            (
+                {n: place_like(t, params[n]) if n in params else t.to(device) for n, t in anchor.items()},
+                curvature.to(device),
+            )
+            for anchor, curvature in self.terms
+        ]
 
 
 def estimate_task_fisher(
