@@ -243,7 +243,8 @@ class ContinualCallback(TrainerCallback):
                     "callback.load_state(directory, model) before train() when the checkpoint lives elsewhere"
                 )
         self._loaded_for_resume = False
-        self.method.place_(model)  # once per train(): the Trainer may have moved the model since the state came
+        # once per train(): the Trainer may have moved the model since the state was loaded
+        self.method.place_(model)
         if not resumed and self.reset_optimizer and optimizer is not None:
             inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
             if getattr(inner, "state", None):

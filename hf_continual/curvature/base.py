@@ -99,7 +99,6 @@ class Curvature(ABC):
         return curvature_penalty_grad_(self, params, anchors, lam)
 
 
-
 @torch.no_grad()
 def curvature_penalty_grad_(
     curvature: Curvature,
