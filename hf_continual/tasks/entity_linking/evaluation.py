@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,34 @@ def accuracy_at_k(
     for k in ks:
         out[f"acc@{k}"] = correct[k] / total if total else 0.0
         out[f"correct@{k}"] = float(correct[k])
+    return out
+
+
+def encode_across_ranks(model: torch.nn.Module, texts: Sequence[str], **kwargs: Any) -> torch.Tensor:
+    """``model.encode(texts, **kwargs)``, the work split across the processes of a distributed run.
+
+    Every rank encodes every ``world``-th text (a strided share: similar lengths on every rank) and the shares
+    are all-gathered, so each rank ends with the same [N, H] float32 CPU tensor at 1/world of the encoding
+    time. One process (or no process group): a plain ``encode``.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return model.encode(texts, **kwargs)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = len(texts)
+    share = model.encode(list(texts[rank::world]), **kwargs)
+    per = -(-n // world)  # the largest share; shorter ones are zero-padded for all_gather
+    # NCCL gathers device tensors only; gloo gathers CPU tensors
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    padded = torch.zeros(per, share.shape[1], dtype=share.dtype, device=device)
+    padded[: share.shape[0]] = share.to(device)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    out = torch.empty(n, share.shape[1], dtype=share.dtype)
+    for r, part in enumerate(gathered):
+        count = len(range(r, n, world))
+        out[r::world] = part[:count].cpu()
     return out
 
 
@@ -136,10 +165,12 @@ class RetrievalEvaluator:
             self._cache.move_to_end(key)
             return self._cache[key]
         kwargs = {"batch_size": self.batch_size, "tokenizer": self.tokenizer, "max_length": self.max_length}
-        names = model.encode(
-            self.candidates.names, show_progress=self.show_progress, desc="dictionary", **kwargs
+        names = encode_across_ranks(
+            model, self.candidates.names, show_progress=self.show_progress, desc="dictionary", **kwargs
         )
-        mentions = model.encode(self.queries, show_progress=self.show_progress, desc="mentions", **kwargs)
+        mentions = encode_across_ranks(
+            model, self.queries, show_progress=self.show_progress, desc="mentions", **kwargs
+        )
         self.encode_calls += 1
         self._cache[key] = (mentions, names)
         while len(self._cache) > self.cache_size:

