@@ -253,7 +253,9 @@ def load_dictionary(
     if format == "medic" and tsv_columns:
         raise ValueError(f"{path}: column names {sorted(tsv_columns)} apply to the tsv format only")
     size = path.stat().st_size
-    with progress(desc=f"loading {path.name}", show=show_progress, total=size, unit="B", unit_scale=True) as bar:
+    with progress(
+        desc=f"loading {path.name}", show=show_progress, total=size, unit="B", unit_scale=True
+    ) as bar:
         lines = iter_text_lines(path, bar=bar)
         if format == "tsv":
             entries = list(iter_tsv_entries(lines, source=path, id_rules=id_rules, **tsv_columns))
