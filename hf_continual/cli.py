@@ -53,6 +53,7 @@ def run_recipe(recipe, show_progress: bool = True, resume: bool = False) -> dict
         extra=extra,
         save_final_model=recipe.save_model,
         resume=resume,
+        initial_state=recipe.initial_state,
     )
     if result.trainer.is_world_process_zero():
         base = _base_model_name(recipe.model)

@@ -20,6 +20,8 @@ task_options: {max_train_mentions: 1000, max_eval_mentions: 500, split: test}  #
 training: {continual_method: kfac, learning_rate: 2.0e-5, num_train_epochs: 1}  # ContinualConfig fields
 output_dir: outputs/stream
 save_model: true              # write the final model + continual state + model card into output_dir/final
+initial_state: null           # a continual state to start from (e.g. a pretrained model's task 0): a directory
+                              # holding continual_state.*, or "model" for the model's own directory
 ```
 """
 
@@ -51,6 +53,7 @@ RECIPE_KEYS = {
     "training",
     "output_dir",
     "save_model",
+    "initial_state",
     "description",
 }
 PACKAGED_MODEL = "minilm"
@@ -120,6 +123,7 @@ class Recipe:
     name: str
     scale: float | None = None  #: cosine scale of the dual encoder (None: the model's default)
     corpora: dict[str, Any] = field(default_factory=dict)  #: name -> CorpusSpec declared in the recipe
+    initial_state: str | None = None  #: directory of the continual state loaded before the first task
 
     def config(self, **extra: Any) -> ContinualConfig:
         """The ContinualConfig of this recipe (``output_dir`` and CPU defaults filled in)."""
@@ -149,6 +153,7 @@ class Recipe:
             "training": self.training,
             "output_dir": self.output_dir,
             "save_model": self.save_model,
+            "initial_state": self.initial_state,
         }
 
 
@@ -217,8 +222,31 @@ def load_recipe(
         scale=None if scale is None else float(scale),
         corpora=corpora,
     )
-    recipe.config()  # validate the training section now, not after data loading
+    method = recipe.config().continual_method  # validate the training section now, not after data loading
+    recipe.initial_state = _initial_state(path, values.get("initial_state"), recipe.model, method)
     return recipe
+
+
+def _initial_state(path: Path, value: str | None, model: str, method: str) -> str | None:
+    """The directory of ``initial_state`` (``"model"``: the model's own directory), checked now: it holds a
+    continual state saved by the recipe's method (a K-FAC state cannot seed EWC, and ``none`` has no penalty)."""
+    from .state import ContinualStateError, read_state_record
+
+    if value is None:
+        return None
+    directory = Path(resolve_model_name(model) if value == "model" else value)
+    if value != "model" and not directory.is_absolute() and not directory.exists():
+        directory = (path.parent / directory).resolve()
+    try:
+        record = read_state_record(directory)
+    except ContinualStateError as err:
+        raise RecipeError(f"{path}: initial_state {value!r}: {err}") from err
+    if record.get("method") != method:
+        raise RecipeError(
+            f"{path}: initial_state {value!r}: the state in {directory} was saved by method "
+            f"{record.get('method')!r}, but training.continual_method is {method!r}"
+        )
+    return str(directory)
 
 
 def known_tasks() -> set[str]:
@@ -302,6 +330,7 @@ TOP_LEVEL_TYPES: dict[str, Any] = {
     "training": dict | None,
     "output_dir": str | None,
     "save_model": bool,
+    "initial_state": str | None,
     "description": str | None,
 }
 

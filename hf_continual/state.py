@@ -80,10 +80,10 @@ def has_state(directory: str | os.PathLike) -> bool:
     return (Path(directory) / STATE_META).is_file()
 
 
-def load_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and verify the state pair; any inconsistency raises :class:`ContinualStateError` naming the file."""
-    directory = Path(directory)
-    meta_path, tensor_path = directory / STATE_META, directory / STATE_TENSORS
+def read_state_record(directory: str | os.PathLike) -> dict[str, Any]:
+    """The JSON record of a continual state (method, tasks seen, settings) without reading its tensors: what a
+    recipe checks before anything runs. Raises :class:`ContinualStateError` naming the file."""
+    meta_path = Path(directory) / STATE_META
     if not meta_path.is_file():
         raise ContinualStateError(f"{meta_path}: no continual state here (missing {STATE_META})")
     try:
@@ -92,6 +92,14 @@ def load_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise ContinualStateError(f"{meta_path}: corrupted continual state record ({err})") from err
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         raise ContinualStateError(f"{meta_path}: unsupported continual state format {meta!r:.80}")
+    return meta
+
+
+def load_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify the state pair; any inconsistency raises :class:`ContinualStateError` naming the file."""
+    directory = Path(directory)
+    meta_path, tensor_path = directory / STATE_META, directory / STATE_TENSORS
+    meta = read_state_record(directory)
     if not tensor_path.is_file():
         raise ContinualStateError(f"{tensor_path}: missing (the record {meta_path} refers to it)")
     digest = _sha256(tensor_path)

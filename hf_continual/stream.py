@@ -118,6 +118,7 @@ def run_stream(
     save_final_model: bool = False,
     trainer_kwargs: dict[str, Any] | None = None,
     resume: bool = False,
+    initial_state: str | os.PathLike | None = None,
 ) -> StreamResult:
     """Train ``tasks`` in order with ``args.continual_method``; evaluate all tasks before and after each task.
 
@@ -127,6 +128,9 @@ def run_stream(
     continual state and the rows of R so far are saved in ``output_dir/progress``. With ``resume=True`` a killed
     run continues from there: completed tasks are skipped and the interrupted task resumes from its last
     Trainer checkpoint, so it ends with the same R as an uninterrupted run.
+
+    ``initial_state``: a directory holding a continual state (e.g. the alignment task 0 saved beside a pretrained
+    model) loaded before the first task, so the stream's penalty also protects what that state describes.
     """
     if not tasks:
         raise ValueError("run_stream needs at least one task")
@@ -143,7 +147,11 @@ def run_stream(
         **(trainer_kwargs or {}),
     )
     progress_dir = os.path.join(output_dir, PROGRESS_DIR)
-    progress = _load_progress(trainer, progress_dir, tasks) if resume else None
+    before: list[str] = []  # tasks of the initial state, before this stream's
+    if initial_state is not None:
+        trainer.load_continual_state(initial_state)
+        before = list(trainer.method.tasks_seen)
+    progress = _load_progress(trainer, progress_dir, tasks, before) if resume else None
     if progress is None:
         timings: dict[str, Any] = {"train_s": [], "consolidate_s": [], "evaluate_s": []}
         t0 = time.perf_counter()
@@ -258,9 +266,10 @@ def _save_progress(trainer: ContinualTrainer, progress_dir: str, record: dict[st
 
 
 def _load_progress(
-    trainer: ContinualTrainer, progress_dir: str, tasks: Sequence[Task]
+    trainer: ContinualTrainer, progress_dir: str, tasks: Sequence[Task], before: Sequence[str] = ()
 ) -> dict[str, Any] | None:
-    """Restore model, continual state and R rows from ``progress_dir`` (None when there is nothing to resume)."""
+    """Restore model, continual state and R rows from ``progress_dir`` (None when there is nothing to resume);
+    ``before``: the tasks of the initial state, which the saved state lists ahead of the stream's."""
     if not os.path.isfile(os.path.join(progress_dir, PROGRESS_FILE)):
         old = progress_dir + ".old"  # killed between the two renames of _save_progress
         if os.path.isfile(os.path.join(old, PROGRESS_FILE)):
@@ -273,9 +282,11 @@ def _load_progress(
     trainer._load_from_checkpoint(progress_dir)  # weights
     trainer.load_continual_state(progress_dir)  # then the continual state saved beside them
     seen = trainer.method.tasks_seen
-    if seen != [t.name for t in tasks[:done]]:
+    expected = [*before, *(t.name for t in tasks[:done])]
+    if seen != expected:
         raise ValueError(
-            f"{progress_dir}: saved progress is for tasks {seen}, not the first {done} of this stream"
+            f"{progress_dir}: saved progress is for tasks {seen}, not {expected} (the initial state's, then the "
+            f"first {done} of this stream)"
         )
     trainer.method.restore_past_data([t.train_dataset for t in tasks[:done]])
     return record

@@ -218,3 +218,27 @@ def test_cli_resume_after_sigkill_mid_task_gives_the_same_stream(tmp_path):
         assert a.keys() == b.keys()
         for name in a:  # same ops, same data order, restored RNG: only float summation order may differ
             torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=f"{method} {name}")
+
+
+def test_recipe_initial_state_is_checked_before_anything_runs(tmp_path, capsys) -> None:
+    """``initial_state`` must name a directory holding a continual state saved by the recipe's method: a missing
+    state and a K-FAC state under an EWC recipe exit 2 naming the file and both methods; a matching one loads
+    (resolved relative to the recipe file)."""
+    from hf_continual.recipe import load_recipe
+    from hf_continual.state import save_state
+
+    assert main(["run", _recipe(tmp_path, "tasks: [toy]\ninitial_state: nowhere\n")]) == 2
+    assert "initial_state 'nowhere'" in capsys.readouterr().err
+    state = tmp_path / "aligned"
+    state.mkdir()
+    save_state(state, {}, {"method": "kfac", "tasks_seen": ["self-alignment"]})
+    text = "tasks: [toy]\ninitial_state: aligned\ntraining: {continual_method: ewc}\n"
+    assert main(["run", _recipe(tmp_path, text)]) == 2
+    assert "saved by method 'kfac', but training.continual_method is 'ewc'" in capsys.readouterr().err
+    recipe = load_recipe(
+        _recipe(tmp_path, "tasks: [toy]\ninitial_state: aligned\ntraining: {continual_method: kfac}\n")
+    )
+    assert (
+        recipe.initial_state == str(state.resolve())
+        and recipe.resolved()["initial_state"] == recipe.initial_state
+    )

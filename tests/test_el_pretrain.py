@@ -323,3 +323,14 @@ def test_save_every_minutes_asks_for_a_checkpoint_once_the_time_has_passed() -> 
     cb.on_save(None, None, TrainerControl())
     now[0] = 200.0
     assert not cb.on_step_end(None, None, TrainerControl()).should_save
+
+
+def test_vocabulary_end_steps_are_the_last_steps_made_only_of_the_blocks_so_far() -> None:
+    """Blocks of 92,466 and 333,804 pairs at 128 per step: step 722 holds pairs 92,288-92,415 (all MEDIC), step 723
+    would mix in MeSH; the second block ends at floor(426,270 / 128) = 3,330. A block smaller than a step adds no
+    step twice, and a first block smaller than one step gives no step 0."""
+    from hf_continual.tasks.entity_linking.pretrain import vocabulary_end_steps
+
+    assert vocabulary_end_steps([92_466, 333_804], 128) == [722, 3330]
+    assert vocabulary_end_steps([256, 10, 300], 128) == [2, 4]
+    assert vocabulary_end_steps([100, 28], 128) == [1]

@@ -304,7 +304,6 @@ def test_frozen_params_are_not_covered():
     assert not any(n.startswith("bert.embeddings") for n in full.param_names)
 
 
-
 # ------------------------------------------------------------------------------------------------------------
 # tests: representation and penalty helper
 # ------------------------------------------------------------------------------------------------------------

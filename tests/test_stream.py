@@ -48,3 +48,50 @@ def test_duplicate_task_names_rejected(tmp_path):
     tasks[1].name = tasks[0].name
     with pytest.raises(ValueError, match="unique"):
         run_stream(tiny_bert(0), tasks, toy_args(tmp_path, "none"))
+
+
+def _first_task_penalties(result) -> list[float]:
+    """The logged penalty values of the stream's first task (its Trainer log history is the first task's only
+    when the stream has one task)."""
+    return [h["continual_penalty"] for h in result.trainer.state.log_history if "continual_penalty" in h]
+
+
+def test_a_stream_started_from_a_saved_state_protects_that_state_from_its_first_task(tmp_path):
+    """``initial_state`` (a pretrained model's task 0): the state is loaded before the first task, so the first
+    task already trains under its penalty (a plain start has no penalty on its first task) and the state's task
+    is listed ahead of the stream's. A resumed stream expects those tasks ahead of its own; the same progress
+    resumed without the initial state is refused. (Checked by breaking it: not loading the state fails the
+    penalty and tasks_seen assertions.)"""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from hf_continual.state import has_state
+
+    tasks = toy_stream(n_train=64, n_eval=16)
+    log = {"logging_strategy": "steps", "logging_steps": 1, "num_train_epochs": 2}
+    run_stream(tiny_bert(0), tasks[:1], toy_config(str(tmp_path / "zero"), "kfac"), save_final_model=True)
+    published = tmp_path / "zero" / "final"
+    assert has_state(published)
+
+    def start():
+        return BertForSequenceClassification.from_pretrained(published)
+
+    plain = run_stream(start(), tasks[1:2], toy_config(str(tmp_path / "plain"), "kfac", **log))
+    assert not _first_task_penalties(plain) or max(_first_task_penalties(plain)) == 0
+    seeded = run_stream(
+        start(), tasks[1:2], toy_config(str(tmp_path / "seeded"), "kfac", **log), initial_state=published
+    )
+    penalties = _first_task_penalties(seeded)
+    assert penalties and max(penalties) > 0
+    assert seeded.trainer.method.tasks_seen == ["toy-a", "toy-not-a"]
+
+    # resume: a 2-task stream from the state leaves its progress after task 1; running it again resumes there
+    out = tmp_path / "resume"
+    first = run_stream(start(), tasks[1:], toy_config(str(out), "kfac"), initial_state=published)
+    again = run_stream(start(), tasks[1:], toy_config(str(out), "kfac"), initial_state=published, resume=True)
+    assert again.trainer.method.tasks_seen == ["toy-a", "toy-not-a", "toy-b"]
+    torch.testing.assert_close(  # same first row of R: it was read back, not recomputed from another model
+        torch.tensor(again.accuracy_matrix[0]), torch.tensor(first.accuracy_matrix[0]), rtol=0, atol=0
+    )
+    with pytest.raises(ValueError, match="saved progress is for tasks"):
+        run_stream(start(), tasks[1:], toy_config(str(out), "kfac"), resume=True)

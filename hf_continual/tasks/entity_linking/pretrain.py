@@ -340,6 +340,31 @@ class SaveEveryMinutes(TrainerCallback):
         self.last = self.clock()
 
 
+class SaveAtSteps(TrainerCallback):
+    """Also checkpoint at the given global steps: :func:`vocabulary_end_steps` puts one where each vocabulary's
+    block of pairs ends, so a snapshot holds the model aligned on the first vocabularies only."""
+
+    def __init__(self, steps: Sequence[int]) -> None:
+        self.steps = frozenset(int(s) for s in steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            control.should_save = True
+        return control
+
+
+def vocabulary_end_steps(block_sizes: Sequence[int], pairs_per_step: int) -> list[int]:
+    """For pair blocks read in order (one per vocabulary), the last optimizer step made only of pairs of the
+    blocks up to and including each one: ``floor(cumulative pairs / pairs_per_step)`` (0s dropped)."""
+    ends, total = [], 0
+    for size in block_sizes:
+        total += int(size)
+        step = total // pairs_per_step
+        if step > 0 and step not in ends:
+            ends.append(step)
+    return ends
+
+
 class SnapshotCallback(TrainerCallback):
     """At each checkpoint, also write the encoder as a BERT directory ``snapshots/step-N`` (weights and
     tokenizer only: a recipe's ``model:`` can name it), so checkpoint rotation does not lose the learning curve."""
@@ -755,6 +780,8 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, show_progress: bool =
     callbacks: list[TrainerCallback] = [ElapsedTime()] + ([snapshots] if recipe.keep_snapshots else [])
     if recipe.save_every_minutes is not None:
         callbacks.append(SaveEveryMinutes(recipe.save_every_minutes))
+    blocks = [sum(1 for k in pairs["vocabulary"] if k == i) for i in range(len(recipe.vocabularies))]
+    callbacks.append(SaveAtSteps(vocabulary_end_steps(blocks, pairs_per_step)))
     trainer = _AlignmentTrainer(
         model=model,
         args=args,
