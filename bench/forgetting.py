@@ -29,6 +29,14 @@ Configurations (``--config``; ``--recipe``/``--out``/``--set`` given explicitly 
   whole training splits; a new entity type in third place), ``bench/results/forgetting_species4``;
 - ``species4_mirror``: the same tasks in the mirror order, ``bench/results/forgetting_species4_mirror``.
 
+- ``full``: the issue-21 budget on the species stream (``recipes/el_stream_species_full.yaml``: whole training
+  splits, up to 1,000 test mentions per task, every gold name of every split + 20,000 sampled names, training
+  names out of the dictionary), ``bench/results/forgetting_full[/<start>]``; ``full_mirror``: its mirror order.
+
+``--start aligned --aligned-model DIR`` starts every run from an encoder written by ``hf-continual pretrain``;
+``--start aligned+state`` also loads its task-0 continual state (the alignment's curvature) before the first
+task, for the runs of the state's own method (the others are listed as not run: they equal ``aligned``).
+
 ``--methods`` runs only the listed test-split methods (and ``alone`` for the tasks trained alone); ``--chosen
 kfac.continual_lambda=1e6`` fixes a method's setting instead of searching it on dev (a run's settings are part of
 its cache key, so a run is reused only when they match).
@@ -59,6 +67,7 @@ SEARCH: dict[str, tuple[str, list[float]]] = {
     "fish": ("fish_keep_ratio", [0.005, 0.05]),
 }
 SEEDED = ["none", "ewc", "kfac", "kfac_per_task", "fish"]
+PAIRED = [("kfac", "ewc"), ("kfac", "none"), ("ewc", "none")]  # per-seed differences reported
 SINGLE = ["online_ewc", "fish+kfac", "replay", "joint"]
 ORDER = ["none", "ewc", "online_ewc", "kfac", "kfac_per_task", "fish", "fish+kfac", "replay", "joint"]
 MIRROR_SPECIES4 = "tasks=[bc5cdr-disease, s800-species, bc5cdr-chemical, ncbi-disease]"
@@ -74,7 +83,34 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
         "out": "bench/results/forgetting_species4_mirror",
         "set": [MIRROR_SPECIES4],
     },
+    "full": {
+        "recipe": "recipes/el_stream_species_full.yaml",
+        "out": "bench/results/forgetting_full",
+        "set": [],
+    },
+    "full_mirror": {
+        "recipe": "recipes/el_stream_species_full.yaml",
+        "out": "bench/results/forgetting_full_mirror",
+        "set": [MIRROR_SPECIES4],
+    },
 }
+#: start models (``--start``): the packaged MiniLM, or the aligned encoder (``--aligned-model``) without or with
+#: its task-0 continual state (the alignment's curvature) loaded before the first task
+STARTS = ("minilm", "aligned", "aligned+state")
+
+
+def start_overrides(start: str, aligned_model: str | None) -> list[str]:
+    """Recipe ``--set`` items of a start model."""
+    if start == "minilm":
+        return []
+    if not aligned_model:
+        raise SystemExit(
+            f"--start {start} needs --aligned-model DIR (a directory written by hf-continual pretrain)"
+        )
+    if not Path(aligned_model).is_dir():
+        raise SystemExit(f"--aligned-model {aligned_model!r}: not a directory")
+    items = [f"model={Path(aligned_model).resolve()}"]
+    return items + (["initial_state=model"] if start == "aligned+state" else [])
 
 
 def parse_chosen(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -114,7 +150,7 @@ def _budget_of(resolved: dict[str, Any]) -> dict[str, Any]:
     """The parts of a resolved recipe that change what a run measures, JSON-normalised so a recipe read back from
     results.json compares equal to the live one. Not the name, paths, or the recipe's own method and lambda: every
     bench run sets its method, and its lambda wherever the method has a penalty, in its overrides."""
-    keys = ("model", "num_hidden_layers", "scale", "tasks", "task_options", "training")
+    keys = ("model", "num_hidden_layers", "scale", "tasks", "task_options", "training", "initial_state")
     out = json.loads(json.dumps({k: resolved.get(k) for k in keys}, default=str))
     if resolved.get("corpora"):  # corpora declared in the recipe (results older than that key have none)
         out["corpora"] = json.loads(json.dumps(resolved["corpora"]))
@@ -184,6 +220,18 @@ class Bench:
         from hf_continual.tasks.entity_linking import DualEncoderModel
 
         run_dir = self.out / "runs" / split / name / f"seed{seed}"
+        if (
+            self.recipe.initial_state is not None
+        ):  # --start aligned+state: only the state's own method uses it
+            from hf_continual.state import read_state_record
+
+            state_method = read_state_record(self.recipe.initial_state)["method"]
+            if overrides["continual_method"] != state_method:
+                self.missing.append(
+                    f"{split}/{name}/seed{seed} (the start state is {state_method}'s; this method starts from "
+                    "the aligned model without it: --start aligned)"
+                )
+                return None
         if (run_dir / RESULTS_FILE).exists():
             cached = load_results(run_dir / RESULTS_FILE)
             same_budget = _budget_of(cached["extra"].get("recipe", {})) == _budget_of(self.recipe.resolved())
@@ -214,7 +262,15 @@ class Bench:
             "tasks_info": {t.name: t.info for t in tasks},
         }
         t0 = time.perf_counter()
-        result = run_stream(model, tasks, args, output_dir=run_dir, extra=extra, resume=True)
+        result = run_stream(
+            model,
+            tasks,
+            args,
+            output_dir=run_dir,
+            extra=extra,
+            resume=True,
+            initial_state=self.recipe.initial_state,
+        )
         print(f"--- {split} {name} seed {seed}: {time.perf_counter() - t0:.0f} s, metrics {result.metrics}")
         for scratch in ("progress", "tasks"):  # model copies and Trainer logs: not results
             shutil.rmtree(run_dir / scratch, ignore_errors=True)
@@ -239,6 +295,16 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = mean_std(vals)
     out["final_task"] = mean_std([r["accuracy_matrix"][-1][-1] for r in runs])
     T = len(runs[0]["tasks"])
+    # plasticity: each task's score right after its own training; the drop below the start model: what the
+    # start model knew of task j and the stream lost by its end (b[j] - R[T-1][j], > 0 = lost)
+    out["plasticity"] = mean_std(
+        [statistics.fmean(r["accuracy_matrix"][j][j] for j in range(T)) for r in runs]
+    )
+    out["drop_below_start"] = [
+        mean_std([r["initial"][j] - r["accuracy_matrix"][-1][j] for r in runs]) for j in range(T)
+    ]
+    sizes = [r["timings"]["state_bytes"][-1] for r in runs if r["timings"].get("state_bytes")]
+    out["state_bytes"] = statistics.fmean(sizes) if sizes else None
     out["mean_R"] = [
         [statistics.fmean(r["accuracy_matrix"][i][j] for r in runs) for j in range(T)] for i in range(T)
     ]
@@ -248,6 +314,27 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["stream_min"] = statistics.fmean(stream_seconds(r) for r in runs) / 60
     out["seeds"] = [r["extra"]["bench"]["seed"] for r in runs]
     out["overrides"] = runs[0]["extra"]["bench"]["overrides"]
+    return out
+
+
+def paired_difference(
+    runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]], keys: tuple[str, ...] = ("acc", "forgetting")
+) -> dict[str, Any] | None:
+    """Per-seed differences a - b of the metrics over the seeds both methods ran (mean, sample std, values):
+    the seed's data order and sampled labels are shared, so the spread of the difference is what says whether
+    two methods differ, not the overlap of their separate spreads. None without a common seed."""
+    by_seed_b = {r["extra"]["bench"]["seed"]: r for r in runs_b}
+    pairs = [
+        (r, by_seed_b[r["extra"]["bench"]["seed"]])
+        for r in runs_a
+        if r["extra"]["bench"]["seed"] in by_seed_b
+    ]
+    if not pairs:
+        return None
+    out: dict[str, Any] = {"seeds": [a["extra"]["bench"]["seed"] for a, _ in pairs]}
+    for key in keys:
+        vals = [a["metrics"][key] - b["metrics"][key] for a, b in pairs]
+        out[key] = mean_std(vals)
     return out
 
 
@@ -333,9 +420,9 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
         )
     lines += ["", "Test splits (acc@1 x100; mean ± sample std over seeds):", ""]
     lines += [
-        "| method | settings | seeds | ACC | BWT | forgetting | forgetting reduction vs none | final-task acc@1 | "
-        "train s | consolidate s | minutes per stream |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | settings | seeds | ACC | BWT | forgetting | forgetting reduction vs none | plasticity | "
+        "final-task acc@1 | train s | consolidate s | state MB | minutes per stream |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ORDER:
         agg = summary["methods"].get(name)
@@ -345,12 +432,35 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
             ", ".join(f"{k}={v}" for k, v in agg["overrides"].items() if k != "continual_method") or "-"
         )
         red = agg.get("forgetting_reduction")
+        state_mb = "n/a" if agg.get("state_bytes") is None else f"{agg['state_bytes'] / 1e6:.1f}"
         lines.append(
             f"| {name} | {settings} | {len(agg['seeds'])} | {fmt(agg.get('acc'))} | {fmt(agg.get('bwt'))} | "
             f"{fmt(agg.get('forgetting'))} | {'n/a' if red is None else f'{100 * red:.0f}%'} | "
-            f"{fmt(agg['final_task'])} | {agg['train_s']:.0f} | {agg['consolidate_s']:.0f} | "
-            f"{agg['stream_min']:.0f} |"
+            f"{fmt(agg.get('plasticity'))} | {fmt(agg['final_task'])} | {agg['train_s']:.0f} | "
+            f"{agg['consolidate_s']:.0f} | {state_mb} | {agg['stream_min']:.0f} |"
         )
+    drops = [
+        (n, summary["methods"][n]) for n in ORDER if summary["methods"].get(n, {}).get("drop_below_start")
+    ]
+    if drops:
+        lines += [
+            "",
+            "Drop below the start model by the end of the stream, per task (start acc@1 - final acc@1, x100; "
+            "> 0: knowledge the start model had and the stream lost):",
+            "",
+            "| method | " + " | ".join(summary["tasks"]) + " |",
+            "|---|" + "---|" * len(summary["tasks"]),
+        ]
+        lines += [
+            f"| {n} | " + " | ".join(fmt(d) for d in agg["drop_below_start"]) + " |" for n, agg in drops
+        ]
+    if summary.get("paired"):
+        lines += ["", "Paired per-seed differences (x100; mean ± sample std over the common seeds):", ""]
+        lines += ["| difference | seeds | ACC | forgetting |", "|---|---|---|---|"]
+        for label, diff in summary["paired"].items():
+            lines.append(
+                f"| {label} | {len(diff['seeds'])} | {fmt(diff.get('acc'))} | {fmt(diff.get('forgetting'))} |"
+            )
     lines += ["", "Each task trained alone from the untouched model (test split, seed 0; acc@1 x100):", ""]
     lines += ["| task | untouched | trained alone |", "|---|---|---|"]
     for row in summary["alone"]:
@@ -398,6 +508,13 @@ def main() -> None:
         metavar="METHOD.PARAM=VALUE",
         help="fix a searched setting instead of searching it on dev, e.g. kfac.continual_lambda=1e6",
     )
+    ap.add_argument(
+        "--start",
+        default="minilm",
+        choices=STARTS,
+        help="start model; results go to OUT/<start> unless --out is given (default: minilm, straight into OUT)",
+    )
+    ap.add_argument("--aligned-model", default=None, help="the aligned encoder (for --start aligned[+state])")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override recipe values")
     ap.add_argument("--no-search", action="store_true", help="skip the dev search; use the first grid values")
@@ -429,10 +546,14 @@ def main() -> None:
 
     configuration = CONFIGURATIONS[args.config]
     overrides = (
-        configuration["set"] + list(args.set) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
+        configuration["set"]
+        + start_overrides(args.start, args.aligned_model)
+        + list(args.set)
+        + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
     )
     recipe = load_recipe(args.recipe or configuration["recipe"], overrides=overrides)
-    out = Path(args.out or configuration["out"])
+    default_out = Path(configuration["out"])
+    out = Path(args.out) if args.out else default_out if args.start == "minilm" else default_out / args.start
     fixed = parse_chosen(args.chosen)
     wanted = set(args.methods or [*ORDER, "alone"])
     out.mkdir(parents=True, exist_ok=True)
@@ -484,6 +605,7 @@ def main() -> None:
 
     # ---- 2. test runs ---------------------------------------------------------------------------------------
     methods: dict[str, Any] = {}
+    method_runs: dict[str, list[dict[str, Any]]] = {}
     labels: list[str] | None = None  # the tasks in training order, with their entity types
     for name in ORDER:
         if name not in wanted:
@@ -500,6 +622,7 @@ def main() -> None:
             continue
         seeds = [r["extra"]["bench"]["seed"] for r in runs]
         methods[name] = aggregate(runs)
+        method_runs[name] = runs
         labels = task_labels(runs[0])  # training order, with each task's entity type
 
     # ---- 3. each task trained alone from the untouched model (test split, first seed) -----------------------
@@ -514,6 +637,12 @@ def main() -> None:
 
     if methods:
         plot_method_heatmaps(out, labels, methods)
+    paired = {
+        f"{a} - {b}": diff
+        for a, b in PAIRED
+        if a in method_runs and b in method_runs
+        if (diff := paired_difference(method_runs[a], method_runs[b])) is not None
+    }
     base_f = methods["none"]["forgetting"]["mean"] if "none" in methods else 0.0
     note = None
     for name, agg in methods.items():
@@ -545,6 +674,7 @@ def main() -> None:
         "search": search_rows,
         "methods": methods,
         "reduction_note": note,
+        "paired": paired,
         "alone": alone,
         "missing_runs": bench.missing,
         "partial_runs": bench.partial,

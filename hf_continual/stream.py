@@ -187,6 +187,7 @@ def run_stream(
         t0 = time.perf_counter()
         trainer.end_task(task.train_dataset, task_name=task.name)
         timings["consolidate_s"].append(time.perf_counter() - t0)
+        timings.setdefault("state_bytes", []).append(continual_state_bytes(trainer))
         if trainer.is_world_process_zero():
             _log_task_boundary(i, tasks, trainer, timings)
         t0 = time.perf_counter()
@@ -220,14 +221,20 @@ def run_stream(
     return result
 
 
+def continual_state_bytes(trainer: ContinualTrainer) -> int:
+    """Bytes of the continual state as saved (curvature, anchors, masks, replay rows): what a published model
+    carries beside its weights."""
+    tensors, _ = trainer.continual_state()
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def _log_task_boundary(
     i: int, tasks: Sequence[Task], trainer: ContinualTrainer, timings: dict[str, Any]
 ) -> None:
     """One INFO line per finished task: examples, optimizer steps, times, size of the continual state."""
     dataset = tasks[i].train_dataset
     examples = len(dataset) if hasattr(dataset, "__len__") else "?"
-    tensors, _ = trainer.continual_state()
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    nbytes = timings["state_bytes"][-1]
     logger.info(
         "task %d/%d %s: %s examples, %d steps, train %.1f s, consolidation %.1f s, continual state %d bytes "
         "(%.1f MB)",
