@@ -33,12 +33,15 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def _snapshots(run: Path) -> list[tuple[str, Path, dict]]:
+def _snapshots(run: Path, steps: list[int] | None = None) -> list[tuple[str, Path, dict]]:
+    """(label, directory, snapshot_info) of the finished snapshots, optionally only those of ``steps``."""
     out = []
     for d in sorted((run / "snapshots").glob("step-*")):
         info_file = d / "snapshot_info.json"
         if d.is_dir() and not d.name.endswith(".tmp") and info_file.is_file():
-            out.append((d.name, d, json.loads(info_file.read_text())))
+            info = json.loads(info_file.read_text())
+            if steps is None or info["step"] in steps:
+                out.append((d.name, d, info))
     return out
 
 
@@ -68,6 +71,13 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/pretrain")
     ap.add_argument("--follow", type=int, default=None, help="keep scoring new snapshots while this pid runs")
     ap.add_argument("--poll", type=float, default=120.0, help="seconds between checks with --follow")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="score only these snapshot steps (e.g. 722: the end of MEDIC in the full recipe); default all",
+    )
     ns = ap.parse_args()
     run, out = Path(ns.run), Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,13 +125,13 @@ def main() -> None:
     if "base" not in results["points"]:
         score("base", base, {"step": 0, "pairs_seen": 0, "train_seconds": 0.0})
     while True:
-        for label, path, info in _snapshots(run):
+        for label, path, info in _snapshots(run, ns.steps):
             if label not in results["points"]:
                 score(label, str(path), info)
         if not _alive(ns.follow):
             break
         time.sleep(ns.poll)
-    for label, path, info in _snapshots(run):  # the last snapshot(s) written before the job ended
+    for label, path, info in _snapshots(run, ns.steps):  # the last snapshot(s) written before the job ended
         if label not in results["points"]:
             score(label, str(path), info)
 

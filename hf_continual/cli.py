@@ -129,6 +129,7 @@ def _cmd_card(ns: argparse.Namespace) -> int:
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from .recipe import load_recipe
+    from .report import stream_reading
     from .state import atomic_write_json
     from .stream import summary_text
 
@@ -143,6 +144,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
         summaries[method] = results
         print(summary_text(results), flush=True)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs in {ns.output_dir}")
+    print("\nReading (acc@1 x100 on the evaluated test mentions):\n" + stream_reading(summaries))
     if len(summaries) > 1:
         base = summaries[ns.methods[0]]["metrics"]["forgetting"]
         for m, r in summaries.items():

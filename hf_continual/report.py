@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import matplotlib.figure
@@ -58,6 +58,27 @@ def forgetting_deltas(R: Sequence[Sequence[float]], b: Sequence[float] | None = 
     what training later tasks did to task ``j`` (negative: forgetting)."""
     rows = ([list(b)] if b is not None else []) + [list(r) for r in R]
     return [[v - R[j][j] for j, v in enumerate(row)] for row in rows]
+
+
+def stream_reading(results: dict[str, dict[str, Any]], scale: float = 100.0) -> str:
+    """Plain-words reading of streams run by several methods on the same tasks (``results``: method ->
+    results dict with ``tasks``, ``initial``, ``accuracy_matrix``): what each task gained from its own training
+    (``R[j][j] - b[j]``) and what each earlier task lost by the end (``R[j][j] - R[T-1][j]``), per method."""
+    lines = []
+    for method, r in results.items():
+        tasks, b, R = r["tasks"], r["initial"], r["accuracy_matrix"]
+        gains = ", ".join(
+            f"{t} {scale * b[j]:.1f} -> {scale * R[j][j]:.1f} ({scale * (R[j][j] - b[j]):+.1f})"
+            for j, t in enumerate(tasks)
+        )
+        lines.append(f"{method}: own training: {gains}")
+        losses = [
+            f"{t} {scale * R[j][j]:.1f} -> {scale * R[-1][j]:.1f} ({scale * (R[-1][j] - R[j][j]):+.1f})"
+            for j, t in enumerate(tasks[:-1])
+        ]
+        if losses:
+            lines.append(f"{' ' * len(method)}  by the end of the stream: {', '.join(losses)}")
+    return "\n".join(lines)
 
 
 def heatmap_figure(

@@ -58,3 +58,27 @@ def test_plot_heatmap_writes_png_atomically(tmp_path):
     height, width = matplotlib.image.imread(path).shape[:2]
     assert width > 1.5 * height  # two panels side by side
     assert sorted(p.name for p in path.parent.iterdir()) == ["m.png"]
+
+
+def test_stream_reading_states_own_gains_and_end_losses_hand_computed():
+    """Own gain = R[j][j] - b[j]; loss by the end = R[T-1][j] - R[j][j] for every task but the last."""
+    from hf_continual.report import stream_reading
+
+    results = {
+        "none": {
+            "tasks": ["a", "b"],
+            "initial": [0.80, 0.60],
+            "accuracy_matrix": [[0.85, 0.55], [0.78, 0.70]],
+        },
+        "kfac": {
+            "tasks": ["a", "b"],
+            "initial": [0.80, 0.60],
+            "accuracy_matrix": [[0.85, 0.55], [0.85, 0.66]],
+        },
+    }
+    text = stream_reading(results)
+    assert "none: own training: a 80.0 -> 85.0 (+5.0), b 60.0 -> 70.0 (+10.0)" in text
+    assert "by the end of the stream: a 85.0 -> 78.0 (-7.0)" in text
+    assert "kfac: own training: a 80.0 -> 85.0 (+5.0), b 60.0 -> 66.0 (+6.0)" in text
+    assert "a 85.0 -> 85.0 (+0.0)" in text
+    assert text.count("by the end") == 2
