@@ -63,12 +63,14 @@ def forgetting_deltas(R: Sequence[Sequence[float]], b: Sequence[float] | None = 
 def stream_reading(results: dict[str, dict[str, Any]], scale: float = 100.0) -> str:
     """Plain-words reading of streams run by several methods on the same tasks (``results``: method ->
     results dict with ``tasks``, ``initial``, ``accuracy_matrix``): what each task gained from its own training
-    (``R[j][j] - b[j]``) and what each earlier task lost by the end (``R[j][j] - R[T-1][j]``), per method."""
+    (``R[j][j]`` minus its score just before, ``R[j-1][j]``, or ``b[j]`` for the first task) and what each
+    earlier task lost by the end (``R[T-1][j] - R[j][j]``), per method."""
     lines = []
     for method, r in results.items():
         tasks, b, R = r["tasks"], r["initial"], r["accuracy_matrix"]
+        before = [b[0]] + [R[j - 1][j] for j in range(1, len(tasks))]
         gains = ", ".join(
-            f"{t} {scale * b[j]:.1f} -> {scale * R[j][j]:.1f} ({scale * (R[j][j] - b[j]):+.1f})"
+            f"{t} {scale * before[j]:.1f} -> {scale * R[j][j]:.1f} ({scale * (R[j][j] - before[j]):+.1f})"
             for j, t in enumerate(tasks)
         )
         lines.append(f"{method}: own training: {gains}")

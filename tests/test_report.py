@@ -61,7 +61,9 @@ def test_plot_heatmap_writes_png_atomically(tmp_path):
 
 
 def test_stream_reading_states_own_gains_and_end_losses_hand_computed():
-    """Own gain = R[j][j] - b[j]; loss by the end = R[T-1][j] - R[j][j] for every task but the last."""
+    """Own gain = R[j][j] minus the score just before training task j (b[0] for the first task, else R[j-1][j]:
+    the start score b[j] would mix in what the earlier tasks did); loss by the end = R[T-1][j] - R[j][j] for
+    every task but the last."""
     from hf_continual.report import stream_reading
 
     results = {
@@ -77,8 +79,8 @@ def test_stream_reading_states_own_gains_and_end_losses_hand_computed():
         },
     }
     text = stream_reading(results)
-    assert "none: own training: a 80.0 -> 85.0 (+5.0), b 60.0 -> 70.0 (+10.0)" in text
+    assert "none: own training: a 80.0 -> 85.0 (+5.0), b 55.0 -> 70.0 (+15.0)" in text
     assert "by the end of the stream: a 85.0 -> 78.0 (-7.0)" in text
-    assert "kfac: own training: a 80.0 -> 85.0 (+5.0), b 60.0 -> 66.0 (+6.0)" in text
+    assert "kfac: own training: a 80.0 -> 85.0 (+5.0), b 55.0 -> 66.0 (+11.0)" in text
     assert "a 85.0 -> 85.0 (+0.0)" in text
     assert text.count("by the end") == 2
