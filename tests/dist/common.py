@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
+import torch.distributed as dist
 
 from hf_continual import ContinualConfig, ContinualTrainer
 from hf_continual.toy import tiny_bert, toy_stream
+
+
+def _close_process_group() -> None:
+    """Destroy the gloo group before the interpreter shuts down. Left to interpreter shutdown, gloo's threads can
+    abort a process that had finished its work ("terminate called without an active exception", SIGABRT: seen
+    once in CI after scaling_dist.py had written its results). No barrier: a rank that failed must not hang the
+    others at exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+atexit.register(_close_process_group)  # for the torchrun scripts that import this module
 
 GLOBAL_BATCH = 8
 #: after the prior task the parameters are moved this far (seeded noise, the same on every rank) so that the

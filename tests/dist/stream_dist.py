@@ -5,6 +5,7 @@ files it wrote under the output directory (recorded by an audit hook: opens for 
 import os
 import sys
 
+import common  # noqa: F401  (destroys the process group at exit)
 import torch
 
 from hf_continual import ContinualConfig
