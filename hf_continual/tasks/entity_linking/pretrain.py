@@ -780,7 +780,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, show_progress: bool =
     callbacks: list[TrainerCallback] = [ElapsedTime()] + ([snapshots] if recipe.keep_snapshots else [])
     if recipe.save_every_minutes is not None:
         callbacks.append(SaveEveryMinutes(recipe.save_every_minutes))
-    blocks = [sum(1 for k in pairs["vocabulary"] if k == i) for i in range(len(recipe.vocabularies))]
+    blocks = [v["pairs"] for v in pair_stats["vocabularies"]]  # pairs per vocabulary, in reading order
     callbacks.append(SaveAtSteps(vocabulary_end_steps(blocks, pairs_per_step)))
     trainer = _AlignmentTrainer(
         model=model,

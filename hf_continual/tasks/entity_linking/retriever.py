@@ -55,9 +55,8 @@ class TfidfRetriever:
         out_idx = np.zeros((q.shape[0], k), dtype=np.int64)
         out_score = np.zeros((q.shape[0], k), dtype=np.float32)
         block = max(1, self.max_block_cells // max(1, len(self.names)))
-        if (
-            self._names_t is None
-        ):  # CSR of the transpose, made once: a CSC operand is converted on every product
+        # CSR of the transpose, made once: a CSC operand is converted on every product
+        if self._names_t is None:
             self._names_t = self.matrix.T.tocsr()
         names_t = self._names_t
         starts = range(0, q.shape[0], block)
