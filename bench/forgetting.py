@@ -15,8 +15,11 @@ are built once per split and the untouched model is encoded once.
 
 Every run writes ``OUT/runs/<split>/<method>/seed<k>/results.json`` (+ heatmap and table); a run whose
 results.json exists with the same settings and recipe budget is not repeated (with others it is run again), and
-an interrupted run resumes from its last finished task. At the end ``OUT/summary.json`` and ``OUT/summary.md``
-hold the search table and the forgetting table (mean and sample standard deviation over seeds) and
+an interrupted run resumes from its last finished task. Several processes may share one OUT (e.g. two one-thread
+workers on two cores): each run is claimed by one live process (``.running`` in its directory), the others skip
+it and list it as running elsewhere; a search is decided only once every value has its result. At the end ``OUT/summary.json`` and ``OUT/summary.md``
+hold the search table (with each value's dev plasticity; ``OUT/search_curve.png`` draws it as a
+stability-plasticity curve, forgetting against plasticity) and the forgetting table (mean and sample standard deviation over seeds) and
 ``OUT/heatmap_<method>.png`` the seed-mean accuracy matrices (with the start row and the change from each
 task's own score; ``--replot`` redraws them from ``summary.json`` alone);
 ``bench/tables.py`` (run by ``make bench`` after every bench) puts this table beside the cost table of the
@@ -215,9 +218,7 @@ class Bench:
     ) -> dict[str, Any] | None:
         """results.json of one stream run (read from disk when it exists); ``only``: train task ``only`` alone.
         With ``only_finished``, a run not on disk is not started: None (and listed in ``self.missing``)."""
-        from hf_continual.recipe import resolve_model_name
-        from hf_continual.stream import RESULTS_FILE, load_results, run_stream
-        from hf_continual.tasks.entity_linking import DualEncoderModel
+        from hf_continual.stream import RESULTS_FILE, load_results
 
         run_dir = self.out / "runs" / split / name / f"seed{seed}"
         if (
@@ -248,6 +249,24 @@ class Bench:
             self.missing.append(f"{split}/{name}/seed{seed}")
             self._note_partial(run_dir, f"{split}/{name}/seed{seed}")
             return None
+        lock = claim_run(run_dir)
+        if lock is None:
+            self.missing.append(f"{split}/{name}/seed{seed} (running in another process)")
+            return None
+        try:
+            return self._run_claimed(run_dir, split, name, seed, overrides, only)
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _run_claimed(
+        self, run_dir: Path, split: str, name: str, seed: int, overrides: dict[str, Any], only: int | None
+    ) -> dict[str, Any]:
+        from hf_continual.recipe import resolve_model_name
+        from hf_continual.stream import RESULTS_FILE, load_results, run_stream
+        from hf_continual.tasks.entity_linking import DualEncoderModel
+
+        if (run_dir / RESULTS_FILE).exists():  # another process finished it between our check and our claim
+            return load_results(run_dir / RESULTS_FILE)
         tasks = self.tasks(split) if only is None else self.tasks(split)[only : only + 1]
         print(f"\n=== {split} {name} seed {seed} {overrides}", flush=True)
         model = DualEncoderModel.from_base(
@@ -277,6 +296,40 @@ class Bench:
         return load_results(run_dir / RESULTS_FILE)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def claim_run(run_dir: Path) -> Path | None:
+    """Claim ``run_dir`` for this process (``run_dir/.running`` holds its pid, created exclusively), so that two
+    bench processes on one OUT (two cores, one thread each) never train the same run; None while a live process
+    holds it. A claim left by a dead process is taken over (the run resumes from its last finished task)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".running"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text().strip() or "0")
+            except (OSError, ValueError):  # being written by its creator this instant: held
+                return None
+            if holder and _pid_alive(holder):
+                return None
+            lock.unlink(missing_ok=True)  # its process is gone
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return lock
+    return None
+
+
 def mean_std(values: list[float]) -> dict[str, Any]:
     return {
         "mean": statistics.fmean(values),
@@ -284,6 +337,20 @@ def mean_std(values: list[float]) -> dict[str, Any]:
         "n": len(values),
         "values": values,
     }
+
+
+def choose_value(found: dict[float, dict[str, Any] | None]) -> float | None:
+    """The searched value with the highest dev ACC (ties: the smaller value, the weaker penalty); None while any
+    value has no result yet (not run, or running in another process): a search is chosen only when complete."""
+    if not found or any(res is None for res in found.values()):
+        return None
+    return max(found, key=lambda value: (found[value]["metrics"]["acc"], -value))
+
+
+def plasticity(result: dict[str, Any]) -> float:
+    """Mean over tasks of each task's score right after its own training (mean of R[j][j])."""
+    R = result["accuracy_matrix"]
+    return statistics.fmean(R[j][j] for j in range(len(R)))
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -297,9 +364,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     T = len(runs[0]["tasks"])
     # plasticity: each task's score right after its own training; the drop below the start model: what the
     # start model knew of task j and the stream lost by its end (b[j] - R[T-1][j], > 0 = lost)
-    out["plasticity"] = mean_std(
-        [statistics.fmean(r["accuracy_matrix"][j][j] for j in range(T)) for r in runs]
-    )
+    out["plasticity"] = mean_std([plasticity(r) for r in runs])
     out["drop_below_start"] = [
         mean_std([r["initial"][j] - r["accuracy_matrix"][-1][j] for r in runs]) for j in range(T)
     ]
@@ -377,6 +442,36 @@ def plot_method_heatmaps(out: Path, tasks: list[str], methods: dict[str, dict[st
         plot_method_heatmap(out, name, tasks, agg, span)
 
 
+def plot_search_curve(out: Path, rows: list[dict[str, Any]]) -> Path | None:
+    """``OUT/search_curve.png``: the dev search as a stability-plasticity curve, forgetting against plasticity
+    (mean R[j][j]) for every searched value of every method, with none's point; None without searched rows."""
+    if not any(row["method"] != "none" for row in rows):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for method in dict.fromkeys(row["method"] for row in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["value"])
+        xs = [100 * r["plasticity"] for r in mine]
+        ys = [100 * r["metrics"]["forgetting"] for r in mine]
+        ax.plot(xs, ys, marker="o", linestyle="-" if len(mine) > 1 else "none", label=method)
+        for r, x, y in zip(mine, xs, ys):
+            if r["method"] != "none":
+                ax.annotate(f"{r['value']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("dev plasticity: mean acc@1 right after own training (x100)")
+    ax.set_ylabel("dev forgetting (x100)")
+    ax.set_title("Stability-plasticity on dev (labels: searched value)")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "search_curve.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_method_heatmap(
     out: Path, name: str, tasks: list[str], agg: dict[str, Any], delta_range: float | None = None
 ) -> None:
@@ -410,14 +505,24 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
     if summary.get("stream"):
         lines += [f"Stream (training order; the heatmaps and matrices follow it): {summary['stream']}", ""]
     lines += ["Search (dev splits, seed 0; criterion: dev ACC):", ""]
-    lines += ["| method | value | dev ACC | dev BWT | dev forgetting | kept |", "|---|---|---|---|---|---|"]
+    lines += [
+        "| method | value | dev ACC | dev BWT | dev forgetting | dev plasticity | kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in summary["search"]:
         m = row["metrics"]
         setting = "-" if row["param"] == "-" else f"{row['param']}={row['value']:g}"
+        plast = "n/a" if row.get("plasticity") is None else f"{100 * row['plasticity']:.2f}"
         lines.append(
             f"| {row['method']} | {setting} | {100 * m['acc']:.2f} | {100 * m['bwt']:.2f} | "
-            f"{100 * m['forgetting']:.2f} | {'yes' if row['kept'] else ''} |"
+            f"{100 * m['forgetting']:.2f} | {plast} | {'yes' if row['kept'] else ''} |"
         )
+    if any(row["method"] != "none" for row in summary["search"]):
+        lines += [
+            "",
+            "Stability-plasticity on dev (`search_curve.png`): forgetting against plasticity (each task's score "
+            "right after its own training) for every searched value; none is the unprotected point.",
+        ]
     lines += ["", "Test splits (acc@1 x100; mean ± sample std over seeds):", ""]
     lines += [
         "| method | settings | seeds | ACC | BWT | forgetting | forgetting reduction vs none | plasticity | "
@@ -537,7 +642,8 @@ def main() -> None:
         plot_method_heatmaps(
             Path(args.out), summary.get("tasks") or summary["recipe"]["tasks"], summary["methods"]
         )
-        print(f"redrew {len(summary['methods'])} heatmaps in {args.out}")
+        plot_search_curve(Path(args.out), summary.get("search") or [])
+        print(f"redrew {len(summary['methods'])} heatmaps (and the search curve) in {args.out}")
         return
     from hf_continual.metrics import forgetting_reduction
     from hf_continual.recipe import load_recipe
@@ -572,27 +678,28 @@ def main() -> None:
         if args.no_search:
             chosen[method] = {param: grid[0]}
             continue
-        scored = []
-        for value in grid:
-            res = bench.run(
+        found = {
+            value: bench.run(
                 "dev",
                 f"{method}-{param}={value:g}",
                 args.seeds[0],
                 {"continual_method": method, param: value},
             )
-            if res is not None:
-                scored.append((res["metrics"]["acc"], -value, value, res))
-        if not scored:
-            continue
-        best = max(scored, key=lambda s: (s[0], s[1]))[2]
-        chosen[method] = {param: best}
-        for _, _, value, res in scored:
+            for value in grid
+        }
+        best = choose_value(found)
+        if best is not None:
+            chosen[method] = {param: best}
+        for value, res in found.items():
+            if res is None:
+                continue
             search_rows.append(
                 {
                     "method": method,
                     "param": param,
                     "value": value,
                     "metrics": res["metrics"],
+                    "plasticity": plasticity(res),
                     "kept": value == best,
                 }
             )
@@ -600,7 +707,15 @@ def main() -> None:
         ref = bench.run("dev", "none", args.seeds[0], {"continual_method": "none"})
         if ref is not None:
             search_rows.insert(
-                0, {"method": "none", "param": "-", "value": 0, "metrics": ref["metrics"], "kept": True}
+                0,
+                {
+                    "method": "none",
+                    "param": "-",
+                    "value": 0,
+                    "metrics": ref["metrics"],
+                    "plasticity": plasticity(ref),
+                    "kept": True,
+                },
             )
 
     # ---- 2. test runs ---------------------------------------------------------------------------------------
@@ -637,6 +752,7 @@ def main() -> None:
 
     if methods:
         plot_method_heatmaps(out, labels, methods)
+    plot_search_curve(out, search_rows)
     paired = {
         f"{a} - {b}": diff
         for a, b in PAIRED

@@ -1,6 +1,9 @@
 """The forgetting bench's aggregation (bench/forgetting.py): hand-computed figures on two made-up seeds."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,53 @@ def test_paired_difference_pairs_runs_by_seed_not_by_position() -> None:
     assert diff["forgetting"]["values"] == pytest.approx([-0.04, -0.06])
     assert diff["forgetting"]["std"] == pytest.approx(0.0141421356, rel=1e-6)
     assert bench.paired_difference(a, [_run(5, [[1, 0], [1, 1]], [0, 0], 0.5, 0.5)]) is None
+
+
+def test_search_chooses_the_best_dev_acc_only_when_every_value_was_measured() -> None:
+    """Highest dev ACC wins, a tie goes to the smaller value; a value still missing (not run, or running in
+    another process) means nothing is chosen, rather than the best of the values that happen to be done."""
+    bench = _bench()
+    r = lambda acc: _run(0, [[1, 0], [1, 1]], [0, 0], acc, 0.0)  # noqa: E731
+    assert bench.choose_value({1e5: r(0.80), 1e6: r(0.84), 1e7: r(0.83)}) == 1e6
+    assert bench.choose_value({1e5: r(0.84), 1e6: r(0.84)}) == 1e5
+    assert bench.choose_value({1e5: r(0.80), 1e6: None, 1e7: r(0.83)}) is None
+    assert bench.choose_value({}) is None
+
+
+def test_a_run_is_claimed_by_one_live_process_and_taken_over_from_a_dead_one(tmp_path: Path) -> None:
+    """Two bench processes on one OUT never train the same run: the second claim is refused while the holder
+    lives; a claim whose process is gone is taken over; releasing lets the next claim in."""
+    bench = _bench()
+    run_dir = tmp_path / "runs" / "test" / "none" / "seed0"
+    lock = bench.claim_run(run_dir)
+    assert lock is not None and lock.read_text() == str(os.getpid())
+    assert bench.claim_run(run_dir) is None
+    lock.unlink()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (run_dir / ".running").write_text(dead.stdout.strip())
+    taken = bench.claim_run(run_dir)
+    assert taken is not None and taken.read_text() == str(os.getpid())
+
+
+def test_search_curve_is_drawn_only_when_a_method_was_searched(tmp_path: Path) -> None:
+    """``search_curve.png`` plots forgetting against plasticity per searched value; with only none's reference
+    row there is no curve to draw."""
+    bench = _bench()
+    run = _run(0, [[0.8, 0.5], [0.7, 0.9]], [0.75, 0.4], 0.8, 0.1)
+    none_row = {"method": "none", "param": "-", "value": 0, "metrics": run["metrics"], "plasticity": 0.85}
+    assert bench.plot_search_curve(tmp_path, [none_row]) is None
+    rows = [none_row] + [
+        {
+            "method": "kfac",
+            "param": "continual_lambda",
+            "value": v,
+            "metrics": run["metrics"],
+            "plasticity": p,
+        }
+        for v, p in ((1e5, 0.84), (1e6, 0.83))
+    ]
+    path = bench.plot_search_curve(tmp_path, rows)
+    assert path == tmp_path / "search_curve.png" and path.stat().st_size > 0
+    assert bench.plasticity(run) == pytest.approx(0.85)
