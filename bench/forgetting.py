@@ -637,20 +637,20 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    configuration = CONFIGURATIONS[args.config]
+    default_out = Path(configuration["out"])
+    out = Path(args.out) if args.out else default_out if args.start == "minilm" else default_out / args.start
     if args.replot:
-        summary = json.loads((Path(args.out) / "summary.json").read_text())
-        plot_method_heatmaps(
-            Path(args.out), summary.get("tasks") or summary["recipe"]["tasks"], summary["methods"]
-        )
-        plot_search_curve(Path(args.out), summary.get("search") or [])
-        print(f"redrew {len(summary['methods'])} heatmaps (and the search curve) in {args.out}")
+        summary = json.loads((out / "summary.json").read_text())
+        plot_method_heatmaps(out, summary.get("tasks") or summary["recipe"]["tasks"], summary["methods"])
+        plot_search_curve(out, summary.get("search") or [])
+        print(f"redrew {len(summary['methods'])} heatmaps (and the search curve) in {out}")
         return
     from hf_continual.metrics import forgetting_reduction
     from hf_continual.recipe import load_recipe
     from hf_continual.state import atomic_write_json
     from hf_continual.stream import task_labels
 
-    configuration = CONFIGURATIONS[args.config]
     overrides = (
         configuration["set"]
         + start_overrides(args.start, args.aligned_model)
@@ -658,8 +658,6 @@ def main() -> None:
         + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
     )
     recipe = load_recipe(args.recipe or configuration["recipe"], overrides=overrides)
-    default_out = Path(configuration["out"])
-    out = Path(args.out) if args.out else default_out if args.start == "minilm" else default_out / args.start
     fixed = parse_chosen(args.chosen)
     wanted = set(args.methods or [*ORDER, "alone"])
     out.mkdir(parents=True, exist_ok=True)
