@@ -468,9 +468,12 @@ def plot_search_curve(out: Path, rows: list[dict[str, Any]]) -> Path | None:
         xs = [100 * r["plasticity"] for r in mine]
         ys = [100 * r["metrics"]["forgetting"] for r in mine]
         ax.plot(xs, ys, marker="o", linestyle="-" if len(mine) > 1 else "none", label=method)
-        for r, x, y in zip(mine, xs, ys):
-            if r["method"] != "none":
-                ax.annotate(f"{r['value']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if method != "none":  # values that landed on the same point share one label
+            labels: dict[tuple[float, float], list[str]] = {}
+            for r, x, y in zip(mine, xs, ys):
+                labels.setdefault((x, y), []).append(f"{r['value']:g}")
+            for (x, y), values in labels.items():
+                ax.annotate(", ".join(values), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("dev plasticity: mean acc@1 right after own training (x100)")
     ax.set_ylabel("dev forgetting (x100)")
     ax.set_title("Stability-plasticity on dev (labels: searched value)")
