@@ -17,10 +17,10 @@ Every run writes ``OUT/runs/<split>/<method>/seed<k>/results.json`` (+ heatmap a
 results.json exists with the same settings and recipe budget is not repeated (with others it is run again), and
 an interrupted run resumes from its last finished task. Several processes may share one OUT (e.g. two one-thread
 workers on two cores): each run is claimed by one live process (``.running`` in its directory), the others skip
-it and list it as running elsewhere; a search is decided only once every value has its result. At the end ``OUT/summary.json`` and ``OUT/summary.md``
-hold the search table (with each value's dev plasticity; ``OUT/search_curve.png`` draws it as a
-stability-plasticity curve, forgetting against plasticity) and the forgetting table (mean and sample standard deviation over seeds) and
-``OUT/heatmap_<method>.png`` the seed-mean accuracy matrices (with the start row and the change from each
+it and list it as running elsewhere; a search is decided only once every value has its result. At the end
+``OUT/summary.json`` and ``OUT/summary.md`` hold the search table (with each value's dev plasticity;
+``OUT/search_curve.png`` draws it as a stability-plasticity curve, forgetting against plasticity) and the
+forgetting table (mean and sample standard deviation over seeds) and ``OUT/heatmap_<method>.png`` the seed-mean accuracy matrices (with the start row and the change from each
 task's own score; ``--replot`` redraws them from ``summary.json`` alone);
 ``bench/tables.py`` (run by ``make bench`` after every bench) puts this table beside the cost table of the
 other benches in ``bench/results/tables.md``.
