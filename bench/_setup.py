@@ -1,6 +1,12 @@
-"""Shared bench set-up: the packaged all-MiniLM-L6-v2 with an 8-way head and fixed random examples."""
+"""Shared bench set-up: the packaged all-MiniLM-L6-v2 with an 8-way head, fixed random examples, the plain
+pass every cost is a ratio to, and the machine facts each result records."""
 
 from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -42,3 +48,42 @@ def minilm_and_random_examples(
         for i in range(n)
     ]
     return model, data, ids, labels
+
+
+def plain_pass(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    params: Sequence[torch.Tensor],
+) -> None:
+    """The unit of the cost benches: one plain forward+backward over all examples (eval mode, mean cross-entropy
+    per batch, gradients of ``params`` taken and dropped)."""
+    model.eval()
+    for s in range(0, ids.shape[0], batch_size):
+        out = model(
+            input_ids=ids[s : s + batch_size], attention_mask=torch.ones_like(ids[s : s + batch_size])
+        )
+        loss = torch.nn.functional.cross_entropy(out.logits, labels[s : s + batch_size])
+        torch.autograd.grad(loss, list(params))
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): a shared machine's timings need it beside them."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def machine_info() -> dict[str, Any]:
+    """What a timing depends on: threads, library versions, the CPU, and the load when the bench ends."""
+    import transformers
+
+    return {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "load_avg_1m_at_end": load_average(),
+    }

@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -38,7 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _setup import minilm_and_random_examples
+from _setup import load_average, machine_info, minilm_and_random_examples
+from _setup import plain_pass as plain_fwd_bwd
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -76,9 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-    import transformers
+    load_start = load_average()
 
     from hf_continual.curvature import estimate_fisher
     from hf_continual.masking import MaskedUpdates, apply_task_delta, fish_mask, mask_stats, save_task_delta
@@ -92,11 +90,7 @@ def main() -> None:
 
     # ---- 2. mask computation vs one plain forward+backward pass --------------------------------------------
     def plain_pass() -> None:
-        model.eval()
-        for s in range(0, n, bs):
-            out = model(input_ids=ids[s : s + bs], attention_mask=torch.ones_like(ids[s : s + bs]))
-            grads = torch.autograd.grad(ce(out.logits, labels[s : s + bs]), plist)
-            del grads
+        plain_fwd_bwd(model, ids, labels, bs, plist)
 
     split: dict[str, list[float]] = {"fisher_empirical": [], "fish_mask": []}
 
@@ -296,15 +290,8 @@ def main() -> None:
             "repeats": args.repeats,
             "step_repeats": reps,
             "interleaved": True,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
             "load_avg_1m_at_start": load_start,
-            "load_avg_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            **machine_info(),
         },
         "seconds": results,
         "ratios": ratios,

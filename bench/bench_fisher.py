@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _setup import minilm_and_random_examples
+from _setup import machine_info, minilm_and_random_examples
+from _setup import plain_pass as plain_fwd_bwd
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -72,11 +72,7 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
 
     def plain_pass() -> None:
-        model.eval()
-        for s in range(0, n, bs):
-            out = model(input_ids=ids[s : s + bs], attention_mask=torch.ones_like(ids[s : s + bs]))
-            grads = torch.autograd.grad(ce(out.logits, labels[s : s + bs]), plist)
-            del grads
+        plain_fwd_bwd(model, ids, labels, bs, plist)
 
     def fisher(kind: str) -> Callable[[], object]:
         return lambda: estimate_fisher(
@@ -188,11 +184,7 @@ def main() -> None:
             "batch_size": bs,
             "bs1_loop_timed_on": n1,
             "repeats": args.repeats,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-            "load_avg_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            **machine_info(),
         },
         "seconds": results,
         "ratios": ratios,

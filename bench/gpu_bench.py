@@ -24,7 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _setup import minilm_and_random_examples
+from _setup import machine_info, minilm_and_random_examples
+from _setup import plain_pass as plain_fwd_bwd
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -87,11 +88,7 @@ def main() -> None:
     seconds: dict[str, float] = {}
 
     def plain_pass() -> None:
-        model.eval()
-        for s in range(0, n, bs):
-            out = model(input_ids=ids[s : s + bs], attention_mask=torch.ones_like(ids[s : s + bs]))
-            grads = torch.autograd.grad(ce(out.logits, labels[s : s + bs]), plist)
-            del grads
+        plain_fwd_bwd(model, ids, labels, bs, plist)
 
     def fisher(**kw: object) -> Callable[[], object]:
         return lambda: estimate_fisher(model, data, batch_size=bs, show_progress=False, seed=0, **kw)
@@ -183,7 +180,7 @@ def main() -> None:
             "step_calls": calls,
             "rank": args.rank,
             "keep_ratio": args.keep_ratio,
-            "torch": torch.__version__,
+            **machine_info(),
         },
         "seconds": seconds,
         "ratios": ratios,
