@@ -21,7 +21,7 @@ Configurations (``all`` minus one ingredient each):
 ``s800-species`` is scored on the default candidate set only (its full vocabulary has 2.6M names).
 
 Every (task, configuration) writes ``OUT/<task>/<config>.json`` and is not repeated when that file exists;
-``OUT/summary.json``/``summary.md`` hold the table. Usage:
+``OUT/summary.json``/``summary.md`` hold the table of every finished result in OUT. Usage:
 ``HF_HUB_OFFLINE=1 python bench/el_quality.py [--data-dir ../shared/data] [--tasks ...] [--configs ...]``.
 """
 
@@ -161,6 +161,34 @@ def settings_of(epochs: int, split: str, scale: float | None, overrides: list[st
     return {"epochs": epochs, "split": split, "scale": scale, "overrides": sorted(overrides or [])}
 
 
+class SettingsMismatch(ValueError):
+    """A result file in OUT was made with other settings than this run's (one OUT holds one setting)."""
+
+
+def load_record(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The finished result at ``path``; :class:`SettingsMismatch` when it was made with other settings (an
+    untouched model's result holds for any number of epochs)."""
+    record = json.loads(path.read_text())
+    done = record.get("settings") or settings_of(
+        record["training_args"]["num_train_epochs"], "test", None, []
+    )
+    wanted = settings if record["ingredients"]["train"] else settings | {"epochs": done["epochs"]}
+    if done != wanted:
+        raise SettingsMismatch(f"{path} was made with {done}, not {wanted}: use another --out")
+    return record
+
+
+def finished_records(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every finished (task, configuration) in ``out``, in table order, whichever run wrote it: the summary is
+    the whole folder, so a run over one task does not drop the others' rows."""
+    return [
+        load_record(path, settings)
+        for task in TASKS
+        for config in CONFIGS
+        if (path := out / task / f"{config}.json").exists()
+    ]
+
+
 def fmt(metrics: dict[str, float], key: str) -> str:
     return f"{100 * metrics[key]:.1f}" if key in metrics else "-"
 
@@ -269,19 +297,14 @@ def main() -> None:
     scale = ns.scale if ns.scale is not None else recipe.scale
     settings = settings_of(ns.epochs, ns.split, scale, ns.overrides)
     out = Path(ns.out)
-    records = []
     for task_name in ns.tasks:
         for config in ns.configs:
             out_file = out / task_name / f"{config}.json"
             if out_file.exists():
-                record = json.loads(out_file.read_text())
-                done = record.get("settings") or settings_of(
-                    record["training_args"]["num_train_epochs"], "test", None, []
-                )
-                wanted = settings if record["ingredients"]["train"] else settings | {"epochs": done["epochs"]}
-                if done != wanted:
-                    sys.exit(f"{out_file} was made with {done}, not {wanted}: use another --out")
-                records.append(record)
+                try:
+                    load_record(out_file, settings)
+                except SettingsMismatch as e:
+                    sys.exit(str(e))
                 continue
             if ns.only_finished:
                 print(f"missing: {out_file}")
@@ -308,7 +331,10 @@ def main() -> None:
                 f"({rec['seconds']})",
                 flush=True,
             )
-            records.append(rec)
+    try:
+        records = finished_records(out, settings)
+    except SettingsMismatch as e:
+        sys.exit(str(e))
     if records:
         summarize(out, records, settings)
 
