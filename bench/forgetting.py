@@ -363,6 +363,13 @@ def plasticity(result: dict[str, Any]) -> float:
     return statistics.fmean(R[j][j] for j in range(len(R)))
 
 
+def own_gain(result: dict[str, Any]) -> list[float]:
+    """Per task, what its own training added to its score: R[j][j] - R[j-1][j] (the start model's score for the
+    first task). Near 0 everywhere with no forgetting means the tasks were protected rather than learned."""
+    R, initial = result["accuracy_matrix"], result["initial"]
+    return [R[j][j] - (R[j - 1][j] if j else initial[j]) for j in range(len(R))]
+
+
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean/std over seeds of ACC, BWT, forgetting, final-task score; the seed-mean R."""
     out: dict[str, Any] = {}
@@ -375,6 +382,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     # plasticity: each task's score right after its own training; the drop below the start model: what the
     # start model knew of task j and the stream lost by its end (b[j] - R[T-1][j], > 0 = lost)
     out["plasticity"] = mean_std([plasticity(r) for r in runs])
+    out["own_gain"] = mean_std([statistics.fmean(own_gain(r)) for r in runs])
+    out["own_gain_per_task"] = [mean_std([own_gain(r)[j] for r in runs]) for j in range(T)]
     out["drop_below_start"] = [
         mean_std([r["initial"][j] - r["accuracy_matrix"][-1][j] for r in runs]) for j in range(T)
     ]
@@ -539,8 +548,8 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
     lines += ["", "Test splits (acc@1 x100; mean ± sample std over seeds):", ""]
     lines += [
         "| method | settings | seeds | ACC | BWT | forgetting | forgetting reduction vs none | plasticity | "
-        "final-task acc@1 | train s | consolidate s | state MB | minutes per stream |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "own-training gain | final-task acc@1 | train s | consolidate s | state MB | minutes per stream |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ORDER:
         agg = summary["methods"].get(name)
@@ -554,7 +563,8 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
         lines.append(
             f"| {name} | {settings} | {len(agg['seeds'])} | {fmt(agg.get('acc'))} | {fmt(agg.get('bwt'))} | "
             f"{fmt(agg.get('forgetting'))} | {'n/a' if red is None else f'{100 * red:.0f}%'} | "
-            f"{fmt(agg.get('plasticity'))} | {fmt(agg['final_task'])} | {agg['train_s']:.0f} | "
+            f"{fmt(agg.get('plasticity'))} | {fmt(agg.get('own_gain'))} | {fmt(agg['final_task'])} | "
+            f"{agg['train_s']:.0f} | "
             f"{agg['consolidate_s']:.0f} | {state_mb} | {agg['stream_min']:.0f} |"
         )
     drops = [
@@ -571,6 +581,21 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
         ]
         lines += [
             f"| {n} | " + " | ".join(fmt(d) for d in agg["drop_below_start"]) + " |" for n, agg in drops
+        ]
+    gains = [
+        (n, summary["methods"][n]) for n in ORDER if summary["methods"].get(n, {}).get("own_gain_per_task")
+    ]
+    if gains:
+        lines += [
+            "",
+            "Own-training gain per task (its score right after its own training - its score just before it; the "
+            "start model's for the first task; x100): what each task's training taught the model of it.",
+            "",
+            "| method | " + " | ".join(summary["tasks"]) + " |",
+            "|---|" + "---|" * len(summary["tasks"]),
+        ]
+        lines += [
+            f"| {n} | " + " | ".join(fmt(d) for d in agg["own_gain_per_task"]) + " |" for n, agg in gains
         ]
     if summary.get("paired"):
         lines += ["", "Paired per-seed differences (x100; mean ± sample std over the common seeds):", ""]

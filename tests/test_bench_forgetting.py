@@ -34,9 +34,9 @@ def _run(seed: int, R: list[list[float]], initial: list[float], acc: float, forg
     }
 
 
-def test_aggregate_reports_plasticity_drop_below_start_and_state_size() -> None:
-    """Plasticity = mean of R[j][j]; drop below start = initial[j] - R[T-1][j] per task; state size = the
-    final state's bytes; all averaged over seeds (hand-computed)."""
+def test_aggregate_reports_plasticity_own_gain_drop_below_start_and_state_size() -> None:
+    """Plasticity = mean of R[j][j]; own-training gain = R[j][j] - R[j-1][j] per task; drop below start =
+    initial[j] - R[T-1][j] per task; state size = the final state's bytes; over seeds (hand-computed)."""
     bench = _bench()
     runs = [
         _run(0, [[0.8, 0.5], [0.7, 0.9]], [0.75, 0.4], 0.8, 0.1),
@@ -48,6 +48,10 @@ def test_aggregate_reports_plasticity_drop_below_start_and_state_size() -> None:
     assert agg["drop_below_start"][0]["values"] == pytest.approx([0.05, 0.15])
     assert agg["drop_below_start"][1]["values"] == pytest.approx([-0.5, -0.3])
     assert agg["state_bytes"] == 300
+    # own-training gain: R[j][j] - R[j-1][j], the start score for task 0: seed 0 (0.05, 0.4), seed 1 (-0.15, 0.2)
+    assert agg["own_gain"]["values"] == pytest.approx([0.225, 0.025])
+    assert agg["own_gain_per_task"][0]["values"] == pytest.approx([0.05, -0.15])
+    assert agg["own_gain_per_task"][1]["values"] == pytest.approx([0.4, 0.2])
 
 
 def test_paired_difference_pairs_runs_by_seed_not_by_position() -> None:
