@@ -73,6 +73,13 @@ SEEDED = ["none", "ewc", "kfac", "kfac_per_task", "fish"]
 PAIRED = [("kfac", "ewc"), ("kfac", "none"), ("ewc", "none")]  # per-seed differences reported
 SINGLE = ["online_ewc", "fish+kfac", "replay", "joint"]
 ORDER = ["none", "ewc", "online_ewc", "kfac", "kfac_per_task", "fish", "fish+kfac", "replay", "joint"]
+# the per-task tables of the summary: aggregate key -> caption
+PER_TASK_TABLES = {
+    "drop_below_start": "Drop below the start model by the end of the stream, per task (start acc@1 - final acc@1, "
+    "x100; > 0: knowledge the start model had and the stream lost):",
+    "own_gain_per_task": "Own-training gain per task (its score right after its own training - its score just "
+    "before it; the start model's for the first task; x100): what each task's training taught the model of it.",
+}
 MIRROR_SPECIES4 = "tasks=[bc5cdr-disease, s800-species, bc5cdr-chemical, ncbi-disease]"
 CONFIGURATIONS: dict[str, dict[str, Any]] = {
     "el3": {"recipe": "recipes/el_stream_forgetting.yaml", "out": "bench/results/forgetting", "set": []},
@@ -567,36 +574,12 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
             f"{agg['train_s']:.0f} | "
             f"{agg['consolidate_s']:.0f} | {state_mb} | {agg['stream_min']:.0f} |"
         )
-    drops = [
-        (n, summary["methods"][n]) for n in ORDER if summary["methods"].get(n, {}).get("drop_below_start")
-    ]
-    if drops:
-        lines += [
-            "",
-            "Drop below the start model by the end of the stream, per task (start acc@1 - final acc@1, x100; "
-            "> 0: knowledge the start model had and the stream lost):",
-            "",
-            "| method | " + " | ".join(summary["tasks"]) + " |",
-            "|---|" + "---|" * len(summary["tasks"]),
-        ]
-        lines += [
-            f"| {n} | " + " | ".join(fmt(d) for d in agg["drop_below_start"]) + " |" for n, agg in drops
-        ]
-    gains = [
-        (n, summary["methods"][n]) for n in ORDER if summary["methods"].get(n, {}).get("own_gain_per_task")
-    ]
-    if gains:
-        lines += [
-            "",
-            "Own-training gain per task (its score right after its own training - its score just before it; the "
-            "start model's for the first task; x100): what each task's training taught the model of it.",
-            "",
-            "| method | " + " | ".join(summary["tasks"]) + " |",
-            "|---|" + "---|" * len(summary["tasks"]),
-        ]
-        lines += [
-            f"| {n} | " + " | ".join(fmt(d) for d in agg["own_gain_per_task"]) + " |" for n, agg in gains
-        ]
+    for key, caption in PER_TASK_TABLES.items():
+        rows = [(n, summary["methods"][n]) for n in ORDER if summary["methods"].get(n, {}).get(key)]
+        if rows:
+            lines += ["", caption, "", "| method | " + " | ".join(summary["tasks"]) + " |"]
+            lines += ["|---|" + "---|" * len(summary["tasks"])]
+            lines += [f"| {n} | " + " | ".join(fmt(d) for d in agg[key]) + " |" for n, agg in rows]
     if summary.get("paired"):
         lines += ["", "Paired per-seed differences (x100; mean ± sample std over the common seeds):", ""]
         lines += ["| difference | seeds | ACC | forgetting |", "|---|---|---|---|"]
