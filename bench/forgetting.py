@@ -179,7 +179,7 @@ class Bench:
     def __init__(self, recipe: Any, out: Path, show_progress: bool, only_finished: bool = False) -> None:
         self.recipe = recipe
         self.only_finished = only_finished
-        self.missing: list[str] = []
+        self.missing: dict[str, str] = {}  # run -> why it has no result ("" when it was not started)
         self.partial: list[
             dict[str, Any]
         ] = []  # unfinished runs: the rows of R saved after each finished task
@@ -229,9 +229,25 @@ class Bench:
     ) -> dict[str, Any] | None:
         """results.json of one stream run (read from disk when it exists); ``only``: train task ``only`` alone.
         With ``only_finished``, a run not on disk is not started: None (and listed in ``self.missing``)."""
+        run_dir = self.out / "runs" / split / name / f"seed{seed}"
+        label = f"{split}/{name}/seed{seed}"
+        result = self._result(run_dir, label, split, name, seed, overrides, only)
+        if result is not None:
+            self.missing.pop(label, None)  # it was running elsewhere when first asked for, and has finished
+        return result
+
+    def _result(
+        self,
+        run_dir: Path,
+        label: str,
+        split: str,
+        name: str,
+        seed: int,
+        overrides: dict[str, Any],
+        only: int | None,
+    ) -> dict[str, Any] | None:
         from hf_continual.stream import RESULTS_FILE, load_results
 
-        run_dir = self.out / "runs" / split / name / f"seed{seed}"
         if (
             self.recipe.initial_state is not None
         ):  # --start aligned+state: only the state's own method uses it
@@ -239,9 +255,9 @@ class Bench:
 
             state_method = read_state_record(self.recipe.initial_state)["method"]
             if overrides["continual_method"] != state_method:
-                self.missing.append(
-                    f"{split}/{name}/seed{seed} (the start state is {state_method}'s; this method starts from "
-                    "the aligned model without it: --start aligned)"
+                self.missing[label] = (
+                    f"the start state is {state_method}'s; this method starts from the aligned model without it: "
+                    "--start aligned"
                 )
                 return None
         if (run_dir / RESULTS_FILE).exists():
@@ -253,16 +269,16 @@ class Bench:
             why = cached["extra"]["bench"]["overrides"] if same_budget else "another recipe budget"
             print(f"stale run {run_dir} ({why}): running again")
             if self.only_finished:
-                self.missing.append(f"{split}/{name}/seed{seed} (stale settings)")
+                self.missing[label] = "stale settings"
                 return None
             shutil.rmtree(run_dir)
         if self.only_finished:
-            self.missing.append(f"{split}/{name}/seed{seed}")
-            self._note_partial(run_dir, f"{split}/{name}/seed{seed}")
+            self.missing[label] = ""
+            self._note_partial(run_dir, label)
             return None
         lock = claim_run(run_dir)
         if lock is None:
-            self.missing.append(f"{split}/{name}/seed{seed} (running in another process)")
+            self.missing[label] = "running in another process"
             return None
         try:
             return self._run_claimed(run_dir, split, name, seed, overrides, only)
@@ -698,15 +714,15 @@ def main() -> None:
         if args.no_search:
             chosen[method] = {param: grid[0]}
             continue
-        found = {
-            value: bench.run(
-                "dev",
-                f"{method}-{param}={value:g}",
-                args.seeds[0],
-                {"continual_method": method, param: value},
-            )
-            for value in grid
-        }
+
+        def dev_run(value: float, method: str = method, param: str = param) -> dict[str, Any] | None:
+            overrides = {"continual_method": method, param: value}
+            return bench.run("dev", f"{method}-{param}={value:g}", args.seeds[0], overrides)
+
+        found = {value: dev_run(value) for value in grid}
+        # values another process was running when we passed them may have finished while we ran ours
+        if not args.only_finished:
+            found.update({value: dev_run(value) for value, res in found.items() if res is None})
         best = choose_value(found)
         if best is not None:
             chosen[method] = {param: best}
@@ -750,7 +766,7 @@ def main() -> None:
         if name == "online_ewc":
             needs = {"ewc"}
         if not args.no_search and not needs <= set(chosen) | {"none"}:
-            bench.missing.append(f"test/{name} (its search is unfinished)")
+            bench.missing[f"test/{name}"] = "its search is unfinished"
             continue
         runs = [r for s in seeds if (r := bench.run("test", name, s, method_overrides(name, chosen)))]
         if not runs:
@@ -812,7 +828,7 @@ def main() -> None:
         "reduction_note": note,
         "paired": paired,
         "alone": alone,
-        "missing_runs": bench.missing,
+        "missing_runs": [f"{run} ({why})" if why else run for run, why in bench.missing.items()],
         "partial_runs": bench.partial,
         "published_anchor": "on BERT, K-FAC cut forgetting by 51% and diagonal EWC by 27%",
         "wall_s_this_invocation": time.perf_counter() - t_start,

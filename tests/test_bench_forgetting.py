@@ -120,3 +120,31 @@ def test_search_curve_is_drawn_only_when_a_method_was_searched(tmp_path: Path) -
     path = bench.plot_search_curve(tmp_path, rows)
     assert path == tmp_path / "search_curve.png" and path.stat().st_size > 0
     assert bench.plasticity(run) == pytest.approx(0.85)
+
+
+def test_a_run_finished_by_another_process_is_read_on_the_next_ask_and_no_longer_listed_missing(
+    tmp_path: Path,
+) -> None:
+    """A search passes over values another process is running; when it asks again after its own runs, a value
+    finished meanwhile is read from disk (not trained again) and leaves the list of missing runs."""
+    import json
+    from types import SimpleNamespace
+
+    bench = _bench()
+    recipe = SimpleNamespace(initial_state=None, resolved=lambda: {"training": {"learning_rate": 1e-4}})
+    b = bench.Bench.__new__(bench.Bench)
+    b.recipe, b.out, b.only_finished, b.missing, b.partial = recipe, tmp_path, False, {}, []
+    run_dir = tmp_path / "runs" / "dev" / "kfac" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / ".running").write_text(str(os.getpid()))  # held by a live process (this one)
+    overrides = {"continual_method": "kfac", "continual_lambda": 1e5}
+    assert b.run("dev", "kfac", 0, overrides) is None
+    assert b.missing == {"dev/kfac/seed0": "running in another process"}
+    result = {
+        "extra": {"bench": {"overrides": overrides}, "recipe": recipe.resolved()},
+        "metrics": {"acc": 0.8},
+    }
+    (run_dir / "results.json").write_text(json.dumps(result))
+    (run_dir / ".running").unlink()
+    assert b.run("dev", "kfac", 0, overrides)["metrics"] == {"acc": 0.8}
+    assert b.missing == {}
