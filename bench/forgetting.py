@@ -604,7 +604,11 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
                 f"| {label} | {len(diff['seeds'])} | {fmt(diff.get('acc'))} | {fmt(diff.get('forgetting'))} |"
             )
     if summary["alone"]:
-        lines += ["", "Each task trained alone from the untouched model (test split, seed 0; acc@1 x100):", ""]
+        lines += [
+            "",
+            "Each task trained alone from the untouched model (test split, seed 0; acc@1 x100):",
+            "",
+        ]
         lines += ["| task | untouched | trained alone |", "|---|---|---|"]
         for row in summary["alone"]:
             lines.append(f"| {row['task']} | {100 * row['initial']:.1f} | {100 * row['trained']:.1f} |")
