@@ -65,7 +65,7 @@ def plain_pass(
             input_ids=ids[s : s + batch_size], attention_mask=torch.ones_like(ids[s : s + batch_size])
         )
         loss = torch.nn.functional.cross_entropy(out.logits, labels[s : s + batch_size])
-        torch.autograd.grad(loss, list(params))
+        torch.autograd.grad(loss, params)
 
 
 def load_average() -> float | None:

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TESTS = Path(__file__).resolve().parent
 DIST = TESTS / "dist"
+ROOT = TESTS.parent
 
 
 def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -39,3 +41,19 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 240) ->
 @pytest.fixture
 def torchrun():
     return run_torchrun
+
+
+def load_script(path: str | Path):
+    """Import a script that is not in a package (``bench/*.py``, ``tests/dist/*.py``) by its path, relative to
+    the repository root."""
+    path = ROOT / path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def script():
+    return load_script

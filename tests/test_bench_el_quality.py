@@ -1,19 +1,9 @@
 """The entity-linking quality bench's result folder (bench/el_quality.py): what the summary table is made of."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_el_quality", ROOT / "bench" / "el_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write(out: Path, task: str, config: str, settings: dict, train: bool = True) -> None:
@@ -22,10 +12,10 @@ def _write(out: Path, task: str, config: str, settings: dict, train: bool = True
     (out / task / f"{config}.json").write_text(json.dumps(record))
 
 
-def test_summary_holds_every_finished_result_in_the_folder_in_table_order(tmp_path: Path) -> None:
+def test_summary_holds_every_finished_result_in_the_folder_in_table_order(script, tmp_path: Path) -> None:
     """A run over one task must not drop the other tasks' rows: the table is read from the whole folder, tasks
     and configurations in the bench's order, whichever run wrote them."""
-    bench = _bench()
+    bench = script("bench/el_quality.py")
     settings = bench.settings_of(1, "test", 20.0, [])
     _write(tmp_path, "s800-species", "no_abbreviations", settings)
     _write(tmp_path, "s800-species", "untouched", settings, train=False)
@@ -40,8 +30,8 @@ def test_summary_holds_every_finished_result_in_the_folder_in_table_order(tmp_pa
     ]
 
 
-def test_a_result_made_with_other_settings_is_refused_with_its_path(tmp_path: Path) -> None:
-    bench = _bench()
+def test_a_result_made_with_other_settings_is_refused_with_its_path(script, tmp_path: Path) -> None:
+    bench = script("bench/el_quality.py")
     _write(tmp_path, "ncbi-disease", "all", bench.settings_of(2, "test", 20.0, []))
     with pytest.raises(bench.SettingsMismatch, match="ncbi-disease/all.json"):
         bench.finished_records(tmp_path, bench.settings_of(1, "test", 20.0, []))

@@ -1,21 +1,11 @@
 """The forgetting bench's aggregation (bench/forgetting.py): hand-computed figures on two made-up seeds."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_forgetting", ROOT / "bench" / "forgetting.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(seed: int, R: list[list[float]], initial: list[float], acc: float, forgetting: float) -> dict:
@@ -34,10 +24,10 @@ def _run(seed: int, R: list[list[float]], initial: list[float], acc: float, forg
     }
 
 
-def test_aggregate_reports_plasticity_own_gain_drop_below_start_and_state_size() -> None:
+def test_aggregate_reports_plasticity_own_gain_drop_below_start_and_state_size(script) -> None:
     """Plasticity = mean of R[j][j]; own-training gain = R[j][j] - R[j-1][j] per task; drop below start =
     initial[j] - R[T-1][j] per task; state size = the final state's bytes; over seeds (hand-computed)."""
-    bench = _bench()
+    bench = script("bench/forgetting.py")
     runs = [
         _run(0, [[0.8, 0.5], [0.7, 0.9]], [0.75, 0.4], 0.8, 0.1),
         _run(1, [[0.6, 0.5], [0.6, 0.7]], [0.75, 0.4], 0.65, 0.0),
@@ -54,10 +44,10 @@ def test_aggregate_reports_plasticity_own_gain_drop_below_start_and_state_size()
     assert agg["own_gain_per_task"][1]["values"] == pytest.approx([0.4, 0.2])
 
 
-def test_paired_difference_pairs_runs_by_seed_not_by_position() -> None:
+def test_paired_difference_pairs_runs_by_seed_not_by_position(script) -> None:
     """a - b per common seed, the std of the differences (not of either method); a seed only one method ran is
     left out, and runs listed in another order are still paired by seed."""
-    bench = _bench()
+    bench = script("bench/forgetting.py")
     a = [
         _run(0, [[1, 0], [1, 1]], [0, 0], 0.80, 0.02),
         _run(1, [[1, 0], [1, 1]], [0, 0], 0.70, 0.04),
@@ -72,10 +62,10 @@ def test_paired_difference_pairs_runs_by_seed_not_by_position() -> None:
     assert bench.paired_difference(a, [_run(5, [[1, 0], [1, 1]], [0, 0], 0.5, 0.5)]) is None
 
 
-def test_search_chooses_the_best_dev_acc_only_when_every_value_was_measured() -> None:
+def test_search_chooses_the_best_dev_acc_only_when_every_value_was_measured(script) -> None:
     """Highest dev ACC wins, a tie goes to the smaller value; a value still missing (not run, or running in
     another process) means nothing is chosen, rather than the best of the values that happen to be done."""
-    bench = _bench()
+    bench = script("bench/forgetting.py")
     r = lambda acc: _run(0, [[1, 0], [1, 1]], [0, 0], acc, 0.0)  # noqa: E731
     assert bench.choose_value({1e5: r(0.80), 1e6: r(0.84), 1e7: r(0.83)}) == 1e6
     assert bench.choose_value({1e5: r(0.84), 1e6: r(0.84)}) == 1e5
@@ -83,10 +73,10 @@ def test_search_chooses_the_best_dev_acc_only_when_every_value_was_measured() ->
     assert bench.choose_value({}) is None
 
 
-def test_a_run_is_claimed_by_one_live_process_and_taken_over_from_a_dead_one(tmp_path: Path) -> None:
+def test_a_run_is_claimed_by_one_live_process_and_taken_over_from_a_dead_one(script, tmp_path: Path) -> None:
     """Two bench processes on one OUT never train the same run: the second claim is refused while the holder
     lives; a claim whose process is gone is taken over; releasing lets the next claim in."""
-    bench = _bench()
+    bench = script("bench/forgetting.py")
     run_dir = tmp_path / "runs" / "test" / "none" / "seed0"
     lock = bench.claim_run(run_dir)
     assert lock is not None and lock.read_text() == str(os.getpid())
@@ -100,10 +90,10 @@ def test_a_run_is_claimed_by_one_live_process_and_taken_over_from_a_dead_one(tmp
     assert taken is not None and taken.read_text() == str(os.getpid())
 
 
-def test_search_curve_is_drawn_only_when_a_method_was_searched(tmp_path: Path) -> None:
+def test_search_curve_is_drawn_only_when_a_method_was_searched(script, tmp_path: Path) -> None:
     """``search_curve.png`` plots forgetting against plasticity per searched value; with only none's reference
     row there is no curve to draw."""
-    bench = _bench()
+    bench = script("bench/forgetting.py")
     run = _run(0, [[0.8, 0.5], [0.7, 0.9]], [0.75, 0.4], 0.8, 0.1)
     none_row = {"method": "none", "param": "-", "value": 0, "metrics": run["metrics"], "plasticity": 0.85}
     assert bench.plot_search_curve(tmp_path, [none_row]) is None
@@ -123,6 +113,7 @@ def test_search_curve_is_drawn_only_when_a_method_was_searched(tmp_path: Path) -
 
 
 def test_a_run_finished_by_another_process_is_read_on_the_next_ask_and_no_longer_listed_missing(
+    script,
     tmp_path: Path,
 ) -> None:
     """A search passes over values another process is running; when it asks again after its own runs, a value
@@ -130,7 +121,7 @@ def test_a_run_finished_by_another_process_is_read_on_the_next_ask_and_no_longer
     import json
     from types import SimpleNamespace
 
-    bench = _bench()
+    bench = script("bench/forgetting.py")
     recipe = SimpleNamespace(initial_state=None, resolved=lambda: {"training": {"learning_rate": 1e-4}})
     b = bench.Bench.__new__(bench.Bench)
     b.recipe, b.out, b.only_finished, b.missing, b.partial = recipe, tmp_path, False, {}, []

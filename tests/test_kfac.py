@@ -532,18 +532,10 @@ def test_reduce_key_projection_blind_spot_and_default_override() -> None:
     assert float(g_pure.trace()) < 1e-4 * float(g_def.trace())
 
 
-def test_distributed_two_processes_match_one(tmp_path, torchrun) -> None:
-    import importlib.util
-    from pathlib import Path
-
+def test_distributed_two_processes_match_one(tmp_path, torchrun, script) -> None:
     from hf_continual.curvature import estimate_fisher
 
-    spec = importlib.util.spec_from_file_location(
-        "kfac_dist", Path(__file__).parent / "dist" / "kfac_dist.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = script("tests/dist/kfac_dist.py")
     build_dataset, build_model = mod.build_dataset, mod.build_model
 
     model = build_model()
