@@ -88,6 +88,20 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
         assert torch.allclose(model(**batch).logits, loaded(**batch).logits)
 
 
+def test_an_encoder_config_left_a_dict_builds_the_same_model() -> None:
+    """Older transformers (5.17, the GPU machines' image) hand a saved sub-config back as a dict; the model
+    builds the same encoder from it. (Checked by breaking it: without the conversion BertModel refuses it.)"""
+    reference = tiny_model()
+    config = DualEncoderConfig(encoder_config=reference.config.encoder_config, scale=20.0)
+    config.encoder_config = config.encoder_config.to_dict()
+    rebuilt = DualEncoderModel(config)
+    assert isinstance(rebuilt.config.encoder_config, BertConfig)
+    assert rebuilt.encoder.config.hidden_size == 32 and len(rebuilt.encoder.encoder.layer) == 2
+    rebuilt.load_state_dict(reference.state_dict(), strict=True)  # the same modules and shapes
+    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        assert getattr(rebuilt.config.encoder_config, key) == getattr(reference.config.encoder_config, key)
+
+
 def test_from_base_cut_layers_encode_and_reload(tmp_path: Path) -> None:
     model = DualEncoderModel.from_base(gt_minilm.get_model_path(), num_hidden_layers=2)
     assert len(model.encoder.encoder.layer) == 2 and model.config.encoder_config.num_hidden_layers == 2

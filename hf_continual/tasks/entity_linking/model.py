@@ -89,7 +89,11 @@ class DualEncoderModel(PreTrainedModel):
 
     def __init__(self, config: DualEncoderConfig) -> None:
         super().__init__(config)
-        self.encoder = BertModel(config.encoder_config, add_pooling_layer=False)
+        encoder_config = config.encoder_config
+        # transformers 5.17 (the image of the GPU machines lent here) leaves a saved sub-config a dict
+        if isinstance(encoder_config, dict):
+            encoder_config = config.encoder_config = BertConfig(**encoder_config)
+        self.encoder = BertModel(encoder_config, add_pooling_layer=False)
         self.register_buffer("scale", torch.tensor(float(config.scale)), persistent=True)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.post_init()
