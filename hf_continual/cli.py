@@ -15,6 +15,7 @@ Exit codes: 0 success; 1 the run failed; 2 bad command line or recipe (unknown k
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -166,9 +167,18 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(ns: argparse.Namespace) -> int:
-    from .tasks.entity_linking.pretrain import json_summary, load_pretrain_recipe, pretrain
+    from .tasks.entity_linking.pretrain import (
+        consolidate_alignment,
+        json_summary,
+        load_pretrain_recipe,
+        pretrain,
+    )
 
     recipe = load_pretrain_recipe(ns.recipe, overrides=ns.set, output_dir=ns.output_dir)
+    if ns.consolidate:
+        info = consolidate_alignment(recipe, recipe.output_dir)
+        print(json.dumps({"output_dir": recipe.output_dir, "continual_state": info["continual_state"]}))
+        return 0
     print(json_summary(pretrain(recipe, resume=ns.resume, show_progress=not ns.no_progress)))
     return 0
 
@@ -247,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in OUTPUT/checkpoints"
+    )
+    pre.add_argument(
+        "--consolidate",
+        action="store_true",
+        help="train nothing: write the recipe's continual_state into an already trained OUTPUT (a model trained "
+        "on another machine whose state files stayed there)",
     )
     pre.add_argument("--no-progress", action="store_true", help="hide progress bars")
     pre.set_defaults(func=_cmd_pretrain)

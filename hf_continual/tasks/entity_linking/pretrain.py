@@ -40,7 +40,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,15 +177,29 @@ def synonym_pairs(
     return pairs, stats
 
 
+def _pairs_tsv(pairs: Sequence[tuple[str, str, int]]) -> Iterator[str]:
+    yield "name_a\tname_b\tlabel\n"
+    for a, b, label in pairs:
+        yield f"{a}\t{b}\t{label}\n"
+
+
+def pairs_digest(pairs: Sequence[tuple[str, str, int]]) -> str:
+    """sha256 of the pairs' TSV text: the same pairs give the same digest on any machine (a gzip file's bytes
+    depend on the zlib build), so a model's pairs can be checked against a rebuild from its recipe."""
+    h = hashlib.sha256()
+    for line in _pairs_tsv(pairs):
+        h.update(line.encode("utf-8"))
+    return h.hexdigest()
+
+
 def write_pairs(path: str | os.PathLike, pairs: Sequence[tuple[str, str, int]]) -> str:
     """Write the pairs as gzipped TSV (``name_a``, ``name_b``, ``label``) atomically; returns its sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=6) as handle:
-        handle.write("name_a\tname_b\tlabel\n")
-        for a, b, label in pairs:
-            handle.write(f"{a}\t{b}\t{label}\n")
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+        for line in _pairs_tsv(pairs):
+            gz.write(line.encode("utf-8"))
     os.replace(tmp, path)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -774,7 +788,8 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, show_progress: bool =
     model.set_loss(SelfAlignmentLoss(**recipe.loss))
     pairs, pair_stats = build_pairs(recipe)
     out.mkdir(parents=True, exist_ok=True)
-    pairs_sha = write_pairs(out / PAIRS_FILE, list(zip(pairs["name_a"], pairs["name_b"], pairs["label"])))
+    triples = list(zip(pairs["name_a"], pairs["name_b"], pairs["label"]))
+    pairs_sha = write_pairs(out / PAIRS_FILE, triples)
     pairs_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     snapshots = SnapshotCallback(out / SNAPSHOTS, pairs_per_step)
     callbacks: list[TrainerCallback] = [ElapsedTime()] + ([snapshots] if recipe.keep_snapshots else [])
@@ -805,6 +820,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, show_progress: bool =
         "training": recipe.training,
         "pairs": pair_stats,
         "pairs_sha256": pairs_sha,
+        "pairs_content_sha256": pairs_digest(triples),
         "pairs_per_step": pairs_per_step,
         "global_step": trainer.state.global_step,
         "pairs_seen": min(
@@ -816,33 +832,71 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, show_progress: bool =
         "loss_curve": _loss_curve(trainer.state.log_history, pairs_per_step),
         "resumed_from": last if resume else None,
     }
-    if trainer.is_world_process_zero():
-        save_encoder(model, out)
-        _plot_loss(info["loss_curve"], out / LOSS_PLOT)
-    if recipe.continual_state is not None and trainer.is_world_process_zero():
-        t0 = time.perf_counter()
-        cs = recipe.continual_state
-        examples = alignment_examples(
-            pairs,
-            [v.load() for v in recipe.vocabularies],
-            model.get_tokenizer(),
-            num_examples=cs["num_examples"],
-            num_candidates=cs["num_candidates"],
-            seed=recipe.seed,
-            max_length=recipe.max_length,
-        )
-        save_alignment_state(
-            out, examples, method=cs["method"], use_cpu=bool(recipe.training.get("use_cpu", False))
-        )
-        info["continual_state"] = {
-            **cs,
-            "examples": len(examples),
-            "task": ALIGNMENT_TASK,
-            "seconds": time.perf_counter() - t0,
-        }
-    if trainer.is_world_process_zero():
-        atomic_write_json(out / INFO_FILE, info)
-        atomic_write_text(out / "README.md", _model_card(info))
+    if not trainer.is_world_process_zero():
+        return info
+    save_encoder(model, out)
+    _plot_loss(info["loss_curve"], out / LOSS_PLOT)
+    atomic_write_json(out / INFO_FILE, info)
+    atomic_write_text(out / "README.md", _model_card(info))
+    if recipe.continual_state is not None:
+        info = consolidate_alignment(recipe, out, pairs=pairs)
+    return info
+
+
+def consolidate_alignment(
+    recipe: PretrainRecipe,
+    model_dir: str | os.PathLike,
+    pairs: Dataset | None = None,
+    use_cpu: bool | None = None,
+) -> dict[str, Any]:
+    """Write the task-0 continual state of an aligned model (``recipe.continual_state``: method, examples,
+    candidates) beside its weights, and record it in ``pretrain_info.json`` and the model card.
+
+    ``pretrain`` calls it after training; called on its own it completes a model trained elsewhere (e.g. on a
+    GPU whose state files were too large to bring back): ``pairs`` are then rebuilt from the recipe and must
+    match the ``pairs_content_sha256`` the training recorded. ``use_cpu`` defaults to the recipe's."""
+    from ...state import atomic_write_json, atomic_write_text
+
+    out = Path(model_dir)
+    cs = recipe.continual_state
+    if cs is None:
+        raise PretrainRecipeError(f"{recipe.source}: no continual_state section to consolidate")
+    info_file = out / INFO_FILE
+    if not info_file.is_file():
+        raise FileNotFoundError(f"{info_file}: not a `hf-continual pretrain` output directory")
+    info = json.loads(info_file.read_text())
+    if pairs is None:
+        pairs, _ = build_pairs(recipe)
+        rebuilt = pairs_digest(list(zip(pairs["name_a"], pairs["name_b"], pairs["label"])))
+        recorded = info.get("pairs_content_sha256")
+        if recorded != rebuilt:
+            raise ValueError(
+                f"{recipe.source}: the pairs rebuilt from this recipe (sha256 {rebuilt}) are not those {info_file} "
+                f"was trained on ({recorded})"
+            )
+    if use_cpu is None:
+        use_cpu = bool(recipe.training.get("use_cpu", False))
+    t0 = time.perf_counter()
+    tokenizer = DualEncoderModel.from_base(str(out)).get_tokenizer()
+    examples = alignment_examples(
+        pairs,
+        [v.load() for v in recipe.vocabularies],
+        tokenizer,
+        num_examples=cs["num_examples"],
+        num_candidates=cs["num_candidates"],
+        seed=recipe.seed,
+        max_length=recipe.max_length,
+    )
+    save_alignment_state(out, examples, method=cs["method"], use_cpu=use_cpu)
+    info["continual_state"] = {
+        **cs,
+        "examples": len(examples),
+        "task": ALIGNMENT_TASK,
+        "seconds": time.perf_counter() - t0,
+        "device": "cpu" if use_cpu or not torch.cuda.is_available() else "cuda",
+    }
+    atomic_write_json(info_file, info)
+    atomic_write_text(out / "README.md", _model_card(info))
     return info
 
 
@@ -977,7 +1031,9 @@ __all__ = [
     "alignment_model",
     "build_pairs",
     "concept_names",
+    "consolidate_alignment",
     "load_pretrain_recipe",
+    "pairs_digest",
     "pretrain",
     "synonym_pairs",
     "write_pairs",
