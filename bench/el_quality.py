@@ -132,6 +132,8 @@ def run_one(
         log = [e for e in trainer.state.log_history if "loss" in e]
         shutil.rmtree(scratch, ignore_errors=True)
     t0 = time.perf_counter()
+    if torch.cuda.is_available() and not recipe.training.get("use_cpu", False):
+        model.to("cuda")  # an untrained configuration never went through a Trainer, which places the model
     model.eval()
     with torch.no_grad():
         metrics = task.evaluate(model)

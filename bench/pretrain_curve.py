@@ -18,6 +18,8 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from hf_continual.recipe import packaged_model_path
 from hf_continual.state import atomic_write_json, atomic_write_text
 from hf_continual.tasks.entity_linking import DualEncoderModel, build_entity_linking_task
@@ -87,6 +89,7 @@ def main() -> None:
         raise SystemExit(f"{result_file} holds other tasks/split; use another --out")
     results.update({"run": str(run), "tasks": ns.tasks, "split": ns.split})
     results.setdefault("points", {})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     base = ns.base or packaged_model_path()
     tokenizer = DualEncoderModel.from_base(base).get_tokenizer()
     tasks = {
@@ -106,7 +109,7 @@ def main() -> None:
 
     def score(label: str, path: str, info: dict) -> None:
         t0 = time.perf_counter()
-        model = DualEncoderModel.from_base(path).eval()
+        model = DualEncoderModel.from_base(path).to(device).eval()
         scores = {n: t.evaluate(model) for n, t in tasks.items()}
         results["points"][label] = {
             **info,
