@@ -208,9 +208,11 @@ def summarize(out: Path, records: list[dict[str, Any]], settings: dict[str, Any]
     from hf_continual.state import atomic_write_json, atomic_write_text
     from hf_continual.tasks.entity_linking import TASK_REGISTRY
 
+    models = [o.split("=", 1)[1] for o in settings["overrides"] or [] if o.startswith("model=")]
+    start = f"`{models[-1]}`" if models else "the packaged MiniLM"
     lines = [
         f"acc@1 / acc@5 x100 on the whole {settings['split']} split of each task, trained alone ({settings['epochs']}"
-        f" epoch{'s' if settings['epochs'] > 1 else ''}) from the packaged MiniLM"
+        f" epoch{'s' if settings['epochs'] > 1 else ''}) from {start}"
         + (f"; scale {settings['scale']}" if settings["scale"] is not None else "")
         + (f"; recipe overrides: {', '.join(settings['overrides'])}" if settings["overrides"] else "")
         + ".",

@@ -9,7 +9,7 @@
 #   3. bench/pretrain_curve.py: zero-shot dev acc@1 of the snapshots (the learning curve);
 #   4. tests/test_cuda.py.
 # Results: $OUT/results.tar.gz (remade after each stage). Prepare with `bash bench/gpu_prepare.sh`, then
-# run(command="bash bench/gpu_align.sh", carry=[".gpu"], timeout_s=560); here, `bash bench/aligned_delta.py
+# run(command="bash bench/gpu_align.sh", carry=[".gpu"], timeout_s=560); here, `python bench/aligned_delta.py
 # unpack ...` (README "Self-alignment pretraining" gives the commands). ALIGN_SMOKE=1 runs every stage on
 # this CPU at toy sizes (checks the script, measures nothing).
 set -uo pipefail

@@ -215,7 +215,11 @@ def test_pretrain_lowers_the_loss_and_writes_a_model_a_recipe_loads(
     with gzip.open(out / PAIRS_FILE, "rt") as handle:
         assert len(handle.read().splitlines()) == 1 + len(pairs)
     steps = 5 * 3  # ceil(19 / 8) = 3 steps per epoch
-    assert sorted(p.name for p in (out / "snapshots").iterdir())[-1] == f"step-{steps:07d}"
+    last = sorted((out / "snapshots").iterdir())[-1]
+    assert last.name == f"step-{steps:07d}"
+    # 5 epochs of 19 pairs, not 15 full batches of 8: each epoch's last batch holds 3 pairs
+    assert json.loads((last / "snapshot_info.json").read_text())["pairs_seen"] == 5 * 19
+    assert json.loads((out / "pretrain_info.json").read_text())["pairs_seen"] == 5 * 19
     # a run recipe naming the directory gets these weights
     run_recipe = tmp_path / "run.yaml"
     run_recipe.write_text(

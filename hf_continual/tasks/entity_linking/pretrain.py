@@ -379,13 +379,26 @@ def vocabulary_end_steps(block_sizes: Sequence[int], pairs_per_step: int) -> lis
     return ends
 
 
+def _pairs_seen(state: Any, pairs_per_step: int, num_pairs: int | None) -> int:
+    """Pairs trained on after ``state.global_step`` steps (an epoch's short last batch counted as it is)."""
+    by_steps = state.global_step * pairs_per_step
+    if num_pairs is None:
+        return by_steps
+    return min(by_steps, round((state.epoch or 0) * num_pairs))
+
+
 class SnapshotCallback(TrainerCallback):
     """At each checkpoint, also write the encoder as a BERT directory ``snapshots/step-N`` (weights and
     tokenizer only: a recipe's ``model:`` can name it), so checkpoint rotation does not lose the learning curve."""
 
-    def __init__(self, directory: str | os.PathLike, pairs_per_step: int) -> None:
+    def __init__(
+        self, directory: str | os.PathLike, pairs_per_step: int, num_pairs: int | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.pairs_per_step = pairs_per_step
+        self.num_pairs = (
+            num_pairs  # the last batch of an epoch is short: pairs seen = min(steps, epochs) view
+        )
         self.handler: Any = None  # the trainer's callback handler (to read the ElapsedTime in use)
 
     def on_save(self, args, state, control, model=None, **kwargs):
@@ -395,7 +408,7 @@ class SnapshotCallback(TrainerCallback):
         timer = next((c for c in callbacks if isinstance(c, ElapsedTime)), None)
         extra = {
             "step": state.global_step,
-            "pairs_seen": state.global_step * self.pairs_per_step,
+            "pairs_seen": _pairs_seen(state, self.pairs_per_step, self.num_pairs),
             "epoch": state.epoch,
         }
         if timer is not None:
@@ -699,7 +712,9 @@ def _state_line(info: dict[str, Any]) -> str:
     return (
         f"- continual state: the alignment is task 0 (`{cs['task']}`): `{cs['method']}` curvature of the alignment "
         f"as {cs['examples']} {cs['num_candidates']}-way linking examples (a name, its synonym and TF-IDF-nearest names "
-        "of other concepts), saved in `continual_state.*`; `ContinualTrainer.load_continual_state` on this directory "
+        "of other concepts)"
+        + (f", estimated on {cs['device']} in {cs['seconds']:.0f} s" if "device" in cs else "")
+        + ", saved in `continual_state.*`; `ContinualTrainer.load_continual_state` on this directory "
         "protects it while fine-tuning\n"
     )
 
@@ -707,8 +722,10 @@ def _state_line(info: dict[str, Any]) -> str:
 def _model_card(info: dict[str, Any]) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
+    base = info["base_model"]
+    local = os.path.isabs(base) or base.startswith(".") or os.path.isdir(base)
     data = ModelCardData(
-        base_model=info["base_model"] if not os.path.isabs(info["base_model"]) else None,
+        base_model=None if local else base,  # Hub metadata names Hub models only, never a local directory
         library_name="transformers",
         tags=[
             "feature-extraction",
@@ -791,7 +808,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, show_progress: bool =
     triples = list(zip(pairs["name_a"], pairs["name_b"], pairs["label"]))
     pairs_sha = write_pairs(out / PAIRS_FILE, triples)
     pairs_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    snapshots = SnapshotCallback(out / SNAPSHOTS, pairs_per_step)
+    snapshots = SnapshotCallback(out / SNAPSHOTS, pairs_per_step, len(pairs))
     callbacks: list[TrainerCallback] = [ElapsedTime()] + ([snapshots] if recipe.keep_snapshots else [])
     if recipe.save_every_minutes is not None:
         callbacks.append(SaveEveryMinutes(recipe.save_every_minutes))
@@ -823,9 +840,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, show_progress: bool =
         "pairs_content_sha256": pairs_digest(triples),
         "pairs_per_step": pairs_per_step,
         "global_step": trainer.state.global_step,
-        "pairs_seen": min(
-            trainer.state.global_step * pairs_per_step, round((trainer.state.epoch or 0) * len(pairs))
-        ),
+        "pairs_seen": _pairs_seen(trainer.state, pairs_per_step, len(pairs)),
         "epochs": float(trainer.state.epoch or 0.0),
         "train_seconds": timer.total(),
         "device": str(args.device),
