@@ -40,12 +40,7 @@ RUN="$WORK/aligned"
 ELQ="$WORK/el_quality"
 CURVE="$WORK/curve"
 mkdir -p "$ELQ" "$CURVE"
-"$PY" - >"$WORK/device.json" <<'PYEOF'
-import json, platform, torch, transformers
-print(json.dumps({"devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-                  "torch": torch.__version__, "cuda": torch.version.cuda,
-                  "transformers": transformers.__version__, "python": platform.python_version()}, indent=2))
-PYEOF
+"$PY" bench/device_info.py >"$WORK/device.json"
 cat "$WORK/device.json"
 bundle() {  # everything small so far, in one file (the return takes 8 files at most)
   tar -czf "$OUT/results.tar.gz.tmp" -C "$WORK" --exclude=aligned --exclude='*.safetensors' . &&

@@ -32,12 +32,7 @@ MODEL="${HF_CONTINUAL_MODEL:-}"
 status=0
 start=$(date +%s)
 
-"$PY" - >"$OUT/device.json" <<'PYEOF'
-import json, platform, torch, transformers
-print(json.dumps({"devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-                  "torch": torch.__version__, "cuda": torch.version.cuda,
-                  "transformers": transformers.__version__, "python": platform.python_version()}, indent=2))
-PYEOF
+"$PY" bench/device_info.py >"$OUT/device.json"
 cat "$OUT/device.json"
 
 echo "== 1/3 CUDA tests"
