@@ -28,4 +28,7 @@ chmod -R u+w .gpu
 find .gpu/data -name '*.txt' ! -name 'SOURCES.txt' ! -name 'README*' ! -name 'LICENSE*' -print0 |
   while IFS= read -r -d '' f; do gzip -9 -n -c "$f" >"$f.gz.tmp" && mv "$f.gz.tmp" "$f"; done
 du -sh .gpu .gpu/*
-echo "working tree that travels: $(du -sh --exclude=.git --exclude=.venv . | cut -f1) (limit 64 MiB)"
+# what a device call carries: tracked and untracked-not-ignored files, plus the carried .gpu/ (apparent sizes)
+tree=$(git ls-files -co --exclude-standard -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+gpu=$(du -sb .gpu | cut -f1)
+echo "working tree that travels: $(( (tree + gpu) / 1048576 )) MiB of the 64 MiB limit (.gpu/: $(( gpu / 1048576 )) MiB)"
