@@ -22,7 +22,7 @@ import tarfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 WEIGHTS = "model.safetensors"
 PART_BYTES = 15 * 2**20
@@ -81,8 +81,6 @@ def unpack(base: Path, parts_dir: Path, dest: Path) -> dict:
     blob = b"".join((parts_dir / p).read_bytes() for p in record["parts"])
     if sha256(blob) != record["delta_sha256"]:
         raise SystemExit(f"{parts_dir}: the delta parts do not join to the packed file (sha256 differs)")
-    from safetensors.torch import load
-
     delta = load(blob)
     start = load_file(base / WEIGHTS)
     weights = {n: (start[n].float() + d.float()).contiguous() for n, d in delta.items()}

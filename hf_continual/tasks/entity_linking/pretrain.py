@@ -48,7 +48,13 @@ from typing import Any
 import torch
 from datasets import Dataset
 from torch.utils.data import SequentialSampler
-from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import ModelOutput
@@ -396,9 +402,7 @@ class SnapshotCallback(TrainerCallback):
     ) -> None:
         self.directory = Path(directory)
         self.pairs_per_step = pairs_per_step
-        self.num_pairs = (
-            num_pairs  # the last batch of an epoch is short: pairs seen = min(steps, epochs) view
-        )
+        self.num_pairs = num_pairs  # pairs per epoch: an epoch's last batch can be short (see _pairs_seen)
         self.handler: Any = None  # the trainer's callback handler (to read the ElapsedTime in use)
 
     def on_save(self, args, state, control, model=None, **kwargs):
@@ -892,7 +896,7 @@ def consolidate_alignment(
     if use_cpu is None:
         use_cpu = bool(recipe.training.get("use_cpu", False))
     t0 = time.perf_counter()
-    tokenizer = DualEncoderModel.from_base(str(out)).get_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(str(out))  # the weights load once, in save_alignment_state
     examples = alignment_examples(
         pairs,
         [v.load() for v in recipe.vocabularies],
