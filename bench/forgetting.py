@@ -207,6 +207,21 @@ class Bench:
             self._tasks[split] = tasks
         return self._tasks[split]
 
+    def first_task(self, split: str, seed: int, only: int | None) -> dict[str, Any]:
+        """``run_stream``'s shared first task for a stream run: the first task trains the same way under every
+        method with a plain first task (all but FISH), so one run of a seed trains and evaluates it and the
+        others of that seed take it (tested to end with the same R and weights). Keyed by the recipe's budget,
+        the split and the seed; ``OUT/runs/<split>/_first_task/seed<k>`` (weights: not results, git-ignored)."""
+        if only is not None:  # a task trained alone: evaluated on that task only, not a stream's first row
+            return {}
+        key = json.dumps(
+            {"budget": _budget_of(self.recipe.resolved()), "split": split, "seed": seed}, sort_keys=True
+        )
+        return {
+            "first_task_dir": self.out / "runs" / split / "_first_task" / f"seed{seed}",
+            "first_task_key": key,
+        }
+
     def _note_partial(self, run_dir: Path, label: str) -> None:
         """Record the rows of R an unfinished run saved so far (``progress/progress.json``), if any."""
         for sub in ("progress", "progress.old"):
@@ -316,6 +331,7 @@ class Bench:
             extra=extra,
             resume=True,
             initial_state=self.recipe.initial_state,
+            **self.first_task(split, seed, only),
         )
         print(f"--- {split} {name} seed {seed}: {time.perf_counter() - t0:.0f} s, metrics {result.metrics}")
         for scratch in ("progress", "tasks"):  # model copies and Trainer logs: not results

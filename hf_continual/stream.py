@@ -119,6 +119,8 @@ def run_stream(
     trainer_kwargs: dict[str, Any] | None = None,
     resume: bool = False,
     initial_state: str | os.PathLike | None = None,
+    first_task_dir: str | os.PathLike | None = None,
+    first_task_key: str | None = None,
 ) -> StreamResult:
     """Train ``tasks`` in order with ``args.continual_method``; evaluate all tasks before and after each task.
 
@@ -131,6 +133,14 @@ def run_stream(
 
     ``initial_state``: a directory holding a continual state (e.g. the alignment task 0 saved beside a pretrained
     model) loaded before the first task, so the stream's penalty also protects what that state describes.
+
+    ``first_task_dir``: where runs that train the first task identically share it: the same start model, tasks,
+    training arguments and seed (what ``first_task_key`` names: the caller says what "the same" is), under methods
+    whose first task is plain fine-tuning (``ContinualMethod.plain_first_task``; not with ``initial_state``). A run
+    that finds a record with its key there loads those weights and takes that first row of R (and the start row)
+    instead of training and evaluating the task again, then consolidates it with its own method; it ends with the
+    same R and weights as if it had trained the task itself (tested for every registered method). A run that
+    trains the first task writes the record. Elsewhere the directory is ignored.
     """
     if not tasks:
         raise ValueError("run_stream needs at least one task")
@@ -152,7 +162,38 @@ def run_stream(
         trainer.load_continual_state(initial_state)
         before = list(trainer.method.tasks_seen)
     progress = _load_progress(trainer, progress_dir, tasks, before) if resume else None
-    if progress is None:
+    share = first_task_dir is not None and initial_state is None and trainer.method.plain_first_task
+    if share and not first_task_key:
+        raise ValueError(
+            "run_stream: first_task_dir needs first_task_key (what makes two first tasks the same)"
+        )
+    shared = (
+        _load_first_task(trainer, first_task_dir, first_task_key, names) if share and not progress else None
+    )
+    if shared is not None:
+        R, initial, details, timings = (
+            [shared["row"]],
+            shared["initial"],
+            {"initial": shared["initial_details"], "after": [shared["row_details"]]},
+            {
+                "train_s": [shared["train_s"]],
+                "consolidate_s": [],
+                "evaluate_s": [shared["evaluate_s"]],
+                "initial_evaluate_s": shared["initial_evaluate_s"],
+                "first_task_from": shared["written_by"],
+            },
+        )
+        t0 = time.perf_counter()
+        trainer.end_task(tasks[0].train_dataset, task_name=tasks[0].name)
+        timings["consolidate_s"].append(time.perf_counter() - t0)
+        timings["state_bytes"] = [continual_state_bytes(trainer)]
+        if trainer.is_world_process_zero():
+            _log_task_boundary(0, tasks, trainer, timings)
+        if len(tasks) > 1:
+            _save_progress(
+                trainer, progress_dir, {"R": R, "initial": initial, "details": details, "timings": timings}
+            )
+    elif progress is None:
         timings: dict[str, Any] = {"train_s": [], "consolidate_s": [], "evaluate_s": []}
         t0 = time.perf_counter()
         initial, initial_details = evaluate_all(tasks, trainer.model)
@@ -195,6 +236,23 @@ def run_stream(
         timings["evaluate_s"].append(time.perf_counter() - t0)
         R.append(row)
         details["after"].append(row_details)
+        if i == 0 and share:
+            _save_first_task(
+                trainer,
+                first_task_dir,
+                {
+                    "key": first_task_key,
+                    "tasks": names,
+                    "row": row,
+                    "row_details": row_details,
+                    "initial": initial,
+                    "initial_details": details["initial"],
+                    "train_s": timings["train_s"][0],
+                    "evaluate_s": timings["evaluate_s"][0],
+                    "initial_evaluate_s": timings["initial_evaluate_s"],
+                    "written_by": output_dir,
+                },
+            )
         if i + 1 < len(tasks):
             _save_progress(
                 trainer, progress_dir, {"R": R, "initial": initial, "details": details, "timings": timings}
@@ -270,6 +328,54 @@ def _save_progress(trainer: ContinualTrainer, progress_dir: str, record: dict[st
         if os.path.isdir(old):
             shutil.rmtree(old)
     trainer.accelerator.wait_for_everyone()
+
+
+FIRST_TASK_FILE = "first_task.json"
+
+
+def _save_first_task(trainer: ContinualTrainer, directory: str | os.PathLike, record: dict[str, Any]) -> None:
+    """The trained weights of the first task (not the method's state: each sharing run builds its own) and its
+    record, written beside ``directory`` and swapped in; a record with the same key already there is kept."""
+    directory = os.fspath(directory)
+    if _read_first_task(directory, record["key"], record["tasks"]) is not None:
+        return
+    tmp = f"{directory}.tmp{os.getpid()}"
+    if trainer.is_world_process_zero() and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(tmp, _internal_call=True)  # weights only: the internal call writes no continual state
+    if trainer.is_world_process_zero():
+        atomic_write_json(os.path.join(tmp, FIRST_TASK_FILE), record)
+        old = f"{directory}.old{os.getpid()}"
+        if os.path.isdir(directory):  # another key's (stale) record
+            os.replace(directory, old)
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another process swapped its own in meanwhile: keep that one
+            shutil.rmtree(tmp)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _read_first_task(directory: str, key: str | None, names: Sequence[str]) -> dict[str, Any] | None:
+    path = os.path.join(directory, FIRST_TASK_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        record = json.load(fh)
+    return record if record.get("key") == key and record.get("tasks") == list(names) else None
+
+
+def _load_first_task(
+    trainer: ContinualTrainer, directory: str | os.PathLike, key: str | None, names: Sequence[str]
+) -> dict[str, Any] | None:
+    """Restore the shared first task's weights into ``trainer.model``; its record, or None when there is no
+    record with ``key`` for these tasks."""
+    record = _read_first_task(os.fspath(directory), key, names)
+    if record is not None:
+        trainer._load_from_checkpoint(os.fspath(directory))
+    return record
 
 
 def _load_progress(

@@ -139,3 +139,24 @@ def test_a_run_finished_by_another_process_is_read_on_the_next_ask_and_no_longer
     (run_dir / ".running").unlink()
     assert b.run("dev", "kfac", 0, overrides)["metrics"] == {"acc": 0.8}
     assert b.missing == {}
+
+
+def test_stream_runs_of_one_seed_and_split_share_the_first_task_and_tasks_alone_do_not(
+    script, tmp_path: Path
+) -> None:
+    """The shared first task (run_stream's first_task_dir) is keyed by split and seed under OUT/runs/<split> and
+    by the recipe's budget; a task trained alone gets none (its evaluation is that task only)."""
+    from types import SimpleNamespace
+
+    bench = script("bench/forgetting.py")
+    budget = {"training": {"learning_rate": 1e-4}}
+    b = bench.Bench.__new__(bench.Bench)
+    b.recipe, b.out = SimpleNamespace(initial_state=None, resolved=lambda: budget), tmp_path
+    dev0 = b.first_task("dev", 0, None)
+    assert dev0["first_task_dir"] == tmp_path / "runs" / "dev" / "_first_task" / "seed0"
+    assert b.first_task("dev", 0, None) == dev0
+    keys = {b.first_task(split, seed, None)["first_task_key"] for split in ("dev", "test") for seed in (0, 1)}
+    assert len(keys) == 4
+    budget["training"]["learning_rate"] = 2e-4
+    assert b.first_task("dev", 0, None)["first_task_key"] != dev0["first_task_key"]
+    assert b.first_task("dev", 0, 2) == {}

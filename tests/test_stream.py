@@ -95,3 +95,63 @@ def test_a_stream_started_from_a_saved_state_protects_that_state_from_its_first_
     )
     with pytest.raises(ValueError, match="saved progress is for tasks"):
         run_stream(start(), tasks[1:], toy_config(str(out), "kfac"), resume=True)
+
+
+def test_a_run_that_takes_a_shared_first_task_ends_as_if_it_had_trained_it(tmp_path):
+    """``first_task_dir``: every registered method whose first task is plain fine-tuning (``plain_first_task``)
+    loads the first task trained by another method's run and, after consolidating it itself, ends with the same R
+    and the same weights as its own full run. Bit-equality holds here because both runs execute the same float
+    ops on the same inputs in one process, and the shared weights come back exactly from safetensors. A record
+    with another key is not taken (and is replaced); FISH, whose first task is masked, neither takes nor writes
+    one. (Checked by breaking it: consolidating the shared task with the donor's state, i.e. skipping end_task,
+    fails the weight equality of ewc; a FISH declared plain fails it too.)"""
+    import torch
+
+    from hf_continual.methods import METHOD_REGISTRY
+    from hf_continual.stream import FIRST_TASK_FILE
+
+    tasks = toy_stream(n_train=16, n_eval=8)[:2]
+    shared = tmp_path / "first"
+    kw = {
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": 8,
+        "fisher_num_samples": 8,
+        "fish_num_samples": 8,
+    }
+    donor = run_stream(
+        tiny_bert(0),
+        tasks,
+        toy_args(tmp_path / "donor", "kfac", **kw),
+        first_task_dir=shared,
+        first_task_key="k",
+    )
+    assert (shared / FIRST_TASK_FILE).is_file() and "first_task_from" not in donor.timings
+    for method, cls in METHOD_REGISTRY.items():
+        own = run_stream(tiny_bert(0), tasks, toy_args(tmp_path / "own", method, **kw))
+        taken = run_stream(
+            tiny_bert(0),
+            tasks,
+            toy_args(tmp_path / "taken", method, **kw),
+            first_task_dir=shared,
+            first_task_key="k",
+        )
+        assert ("first_task_from" in taken.timings) == cls.plain_first_task, method
+        torch.testing.assert_close(taken.accuracy_matrix, own.accuracy_matrix, rtol=0, atol=0, msg=method)
+        torch.testing.assert_close(taken.initial, own.initial, rtol=0, atol=0)
+        for (name, a), b in zip(
+            taken.trainer.model.state_dict().items(), own.trainer.model.state_dict().values()
+        ):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{method}: {name}")
+        assert taken.trainer.method.tasks_seen == own.trainer.method.tasks_seen
+    assert "fish" in METHOD_REGISTRY and not METHOD_REGISTRY["fish"].plain_first_task
+    other = run_stream(
+        tiny_bert(0),
+        tasks[:1],
+        toy_args(tmp_path / "other", "none", **kw),
+        first_task_dir=shared,
+        first_task_key="k2",
+    )
+    assert "first_task_from" not in other.timings
+    assert json.loads((shared / FIRST_TASK_FILE).read_text())["key"] == "k2"
+    with pytest.raises(ValueError, match="first_task_key"):
+        run_stream(tiny_bert(0), tasks, toy_args(tmp_path / "nokey", "none"), first_task_dir=shared)

@@ -115,6 +115,9 @@ class ContinualMethod:
     config_fields: ClassVar[tuple[str, ...]] = ()
     #: whether the method needs whole parameter tensors on every process (curvature, masks): no FSDP / ZeRO
     needs_full_parameters: ClassVar[bool] = False
+    #: whether the first task (nothing to protect yet) trains exactly as under plain fine-tuning, so that runs of
+    #: different methods may share its result (``run_stream(first_task_dir=...)``); FISH's is already masked
+    plain_first_task: ClassVar[bool] = True
 
     def __init__(self, config: ContinualConfig) -> None:
         self.config = config

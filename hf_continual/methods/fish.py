@@ -38,6 +38,7 @@ class Fish(ContinualMethod):
     """
 
     needs_full_parameters = True
+    plain_first_task = False  # the first task trains under its own mask
     config_fields = FISH_FIELDS
 
     @classmethod
