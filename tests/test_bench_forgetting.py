@@ -160,3 +160,45 @@ def test_stream_runs_of_one_seed_and_split_share_the_first_task_and_tasks_alone_
     budget["training"]["learning_rate"] = 2e-4
     assert b.first_task("dev", 0, None)["first_task_key"] != dev0["first_task_key"]
     assert b.first_task("dev", 0, 2) == {}
+
+
+@pytest.mark.parametrize("method", ["ewc", "kfac"])
+def test_penalty_split_groups_every_encoder_parameter_and_its_parts_add_up_to_the_whole(
+    script, tmp_path: Path, method: str
+) -> None:
+    """bench/penalty_split.py: every encoder parameter of a BERT has a layer type (only the classifier head and
+    pooler are 'other'), and the per-type quadratics of both curvatures add up to the whole ``delta^T F delta``
+    (both are block-diagonal across layers; float32 sums in another order, hence rtol 1e-4). (Checked by
+    breaking it: splitting a K-FAC layer's weight from its bias drops the cross terms and fails the sum.)"""
+    import torch
+
+    from hf_continual.toy import tiny_bert, toy_config, toy_stream
+    from hf_continual.trainer import ContinualTrainer
+
+    split = script("bench/penalty_split.py")
+    model = tiny_bert(0)
+    names = [n for n, _ in model.named_parameters()]
+    assert {split.group_of(n) for n in names if ".encoder.layer." in n or ".embeddings." in n} == {
+        g for g, _ in split.GROUPS
+    }
+    assert {n for n in names if split.group_of(n) == "other"} == {
+        n for n in names if "pooler" in n or "classifier" in n
+    }
+    task = toy_stream(n_train=16, n_eval=4)[0]
+    trainer = ContinualTrainer(
+        model=model,
+        args=toy_config(str(tmp_path), method, fisher_num_samples=16),
+        train_dataset=task.train_dataset,
+    )
+    trainer.end_task(task.train_dataset, task_name=task.name)
+    curvature = trainer.method.terms[0][1]
+    g = torch.Generator().manual_seed(0)
+    delta = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+    parts = split.split_quadratic(curvature, delta)
+    assert set(parts) == {split.group_of(n) for n in names}
+    torch.testing.assert_close(
+        torch.tensor(sum(parts.values()), dtype=torch.float64),
+        curvature.quadratic(delta).double(),
+        rtol=1e-4,
+        atol=0,
+    )
