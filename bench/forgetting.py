@@ -435,6 +435,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["train_s"] = statistics.fmean(sum(r["timings"]["train_s"]) for r in runs)
     out["consolidate_s"] = statistics.fmean(sum(r["timings"]["consolidate_s"]) for r in runs)
     out["stream_min"] = statistics.fmean(stream_seconds(r) for r in runs) / 60
+    out["first_task_shared"] = sum("first_task_from" in r["timings"] for r in runs)
     out["seeds"] = [r["extra"]["bench"]["seed"] for r in runs]
     out["overrides"] = runs[0]["extra"]["bench"]["overrides"]
     return out
@@ -565,11 +566,19 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
     lines = [f"Budget: {summary['budget']}", ""]
     if summary.get("stream"):
         lines += [f"Stream (training order; the heatmaps and matrices follow it): {summary['stream']}", ""]
-    lines += ["Search (dev splits, seed 0; criterion: dev ACC):", ""]
-    lines += [
-        "| method | value | dev ACC | dev BWT | dev forgetting | dev plasticity | kept |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    fixed = summary.get("fixed") or {}
+    if fixed:
+        settings = "; ".join(
+            f"{m} " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items())
+            for m, s in fixed.items()
+        )
+        lines += [f"Not searched here: fixed with --chosen ({settings}).", ""]
+    if summary["search"] or not fixed:
+        lines += ["Search (dev splits, seed 0; criterion: dev ACC):", ""]
+        lines += [
+            "| method | value | dev ACC | dev BWT | dev forgetting | dev plasticity | kept |",
+            "|---|---|---|---|---|---|---|",
+        ]
     for row in summary["search"]:
         m = row["metrics"]
         setting = "-" if row["param"] == "-" else f"{row['param']}={row['value']:g}"
@@ -606,6 +615,19 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
             f"{agg['train_s']:.0f} | "
             f"{agg['consolidate_s']:.0f} | {state_mb} | {agg['stream_min']:.0f} |"
         )
+    shared = {
+        n: agg["first_task_shared"] for n, agg in summary["methods"].items() if agg.get("first_task_shared")
+    }
+    if shared:
+        lines += [
+            "",
+            "Runs that took their first task from another run of their seed (the same training; run_stream's "
+            "first_task_dir): "
+            + ", ".join(f"{n} {k}" for n, k in shared.items())
+            + ". Their train s and minutes "
+            "per stream count that task's training and evaluation as their own (what the method costs); the bench "
+            "spent that time once per seed.",
+        ]
     for key, caption in PER_TASK_TABLES.items():
         rows = [(n, summary["methods"][n]) for n in ORDER if summary["methods"].get(n, {}).get(key)]
         if rows:
@@ -844,6 +866,7 @@ def main() -> None:
         "recipe": recipe.resolved(),
         "search_grid": {m: {"param": p, "values": g} for m, (p, g) in search.items()},
         "chosen": chosen,
+        "fixed": fixed,  # given with --chosen, not searched here
         "search": search_rows,
         "methods": methods,
         "reduction_note": note,

@@ -42,6 +42,9 @@ def test_aggregate_reports_plasticity_own_gain_drop_below_start_and_state_size(s
     assert agg["own_gain"]["values"] == pytest.approx([0.225, 0.025])
     assert agg["own_gain_per_task"][0]["values"] == pytest.approx([0.05, -0.15])
     assert agg["own_gain_per_task"][1]["values"] == pytest.approx([0.4, 0.2])
+    assert agg["first_task_shared"] == 0
+    runs[1]["timings"]["first_task_from"] = "runs/test/none/seed1"
+    assert bench.aggregate(runs)["first_task_shared"] == 1
 
 
 def test_paired_difference_pairs_runs_by_seed_not_by_position(script) -> None:
@@ -202,3 +205,25 @@ def test_penalty_split_groups_every_encoder_parameter_and_its_parts_add_up_to_th
         rtol=1e-4,
         atol=0,
     )
+
+
+def test_summary_names_settings_fixed_with_chosen_instead_of_an_empty_search_table(
+    script, tmp_path: Path
+) -> None:
+    """With every searched setting given by --chosen, summary.md says so (and shows no empty search table); with a
+    search, its table is there."""
+    bench = script("bench/forgetting.py")
+    base = {"budget": "b", "tasks": ["a"], "methods": {}, "paired": {}, "alone": [], "missing_runs": []}
+    fixed = {
+        **base,
+        "search": [],
+        "fixed": {"ewc": {"continual_lambda": 1e7}, "fish": {"fish_penalty": "kfac"}},
+    }
+    bench.write_markdown(fixed, tmp_path / "fixed.md")
+    text = (tmp_path / "fixed.md").read_text()
+    assert "fixed with --chosen (ewc continual_lambda=1e+07; fish fish_penalty=kfac)" in text
+    assert "Search (dev splits" not in text
+    row = {"method": "none", "param": "-", "value": None, "metrics": {"acc": 0.8, "bwt": 0, "forgetting": 0}}
+    bench.write_markdown({**base, "search": [{**row, "kept": True}]}, tmp_path / "searched.md")
+    searched = (tmp_path / "searched.md").read_text()
+    assert "Search (dev splits" in searched and "Not searched here" not in searched
