@@ -170,35 +170,18 @@ def run_stream(
     shared = (
         _load_first_task(trainer, first_task_dir, first_task_key, names) if share and not progress else None
     )
-    if shared is not None:
-        R, initial, details, timings = (
-            [shared["row"]],
-            shared["initial"],
-            {"initial": shared["initial_details"], "after": [shared["row_details"]]},
-            {
-                "train_s": [shared["train_s"]],
-                "consolidate_s": [],
-                "evaluate_s": [shared["evaluate_s"]],
-                "initial_evaluate_s": shared["initial_evaluate_s"],
-                "first_task_from": shared["written_by"],
-            },
-        )
-        t0 = time.perf_counter()
-        trainer.end_task(tasks[0].train_dataset, task_name=tasks[0].name)
-        timings["consolidate_s"].append(time.perf_counter() - t0)
-        timings["state_bytes"] = [continual_state_bytes(trainer)]
-        if trainer.is_world_process_zero():
-            _log_task_boundary(0, tasks, trainer, timings)
-        if len(tasks) > 1:
-            _save_progress(
-                trainer, progress_dir, {"R": R, "initial": initial, "details": details, "timings": timings}
-            )
-    elif progress is None:
-        timings: dict[str, Any] = {"train_s": [], "consolidate_s": [], "evaluate_s": []}
-        t0 = time.perf_counter()
-        initial, initial_details = evaluate_all(tasks, trainer.model)
-        timings["initial_evaluate_s"] = time.perf_counter() - t0
+    if progress is None:
         R: list[list[float]] = []
+        timings: dict[str, Any] = {"train_s": [], "consolidate_s": [], "evaluate_s": []}
+        if shared is not None:  # the start row too was measured by the run that trained the first task
+            initial, initial_details = shared["initial"], shared["initial_details"]
+            timings.update(
+                initial_evaluate_s=shared["initial_evaluate_s"], first_task_from=shared["written_by"]
+            )
+        else:
+            t0 = time.perf_counter()
+            initial, initial_details = evaluate_all(tasks, trainer.model)
+            timings["initial_evaluate_s"] = time.perf_counter() - t0
         details: dict[str, Any] = {"initial": initial_details, "after": []}
     else:
         R, initial, details, timings = (
@@ -212,19 +195,21 @@ def run_stream(
         trainer.train_dataset = task.train_dataset
         if task.data_collator is not None:
             trainer.data_collator = task.data_collator
+        taken = shared is not None and i == 0  # trained and evaluated by another run: its weights are loaded
         task_dir = os.path.join(output_dir, "tasks", f"{i:02d}-{task.name}")
         trainer.args.output_dir = task_dir
         checkpoint = get_last_checkpoint(task_dir) if resume and os.path.isdir(task_dir) else None
         t0 = time.perf_counter()
-        callbacks = list(getattr(task, "callbacks", None) or [])
+        callbacks = [] if taken else list(getattr(task, "callbacks", None) or [])
         for callback in callbacks:
             trainer.add_callback(callback)
         try:
-            trainer.train(resume_from_checkpoint=checkpoint)
+            if not taken:
+                trainer.train(resume_from_checkpoint=checkpoint)
         finally:
             for callback in callbacks:
                 trainer.remove_callback(callback)
-        timings["train_s"].append(time.perf_counter() - t0)
+        timings["train_s"].append(shared["train_s"] if taken else time.perf_counter() - t0)
         t0 = time.perf_counter()
         trainer.end_task(task.train_dataset, task_name=task.name)
         timings["consolidate_s"].append(time.perf_counter() - t0)
@@ -232,11 +217,14 @@ def run_stream(
         if trainer.is_world_process_zero():
             _log_task_boundary(i, tasks, trainer, timings)
         t0 = time.perf_counter()
-        row, row_details = evaluate_all(tasks, trainer.model)
-        timings["evaluate_s"].append(time.perf_counter() - t0)
+        if taken:
+            row, row_details = shared["row"], shared["row_details"]
+        else:
+            row, row_details = evaluate_all(tasks, trainer.model)
+        timings["evaluate_s"].append(shared["evaluate_s"] if taken else time.perf_counter() - t0)
         R.append(row)
         details["after"].append(row_details)
-        if i == 0 and share:
+        if i == 0 and share and not taken:
             _save_first_task(
                 trainer,
                 first_task_dir,
@@ -314,17 +302,35 @@ PROGRESS_FILE = "progress.json"
 
 def _save_progress(trainer: ContinualTrainer, progress_dir: str, record: dict[str, Any]) -> None:
     """Model + continual state + rows of R so far; written beside the old copy, then swapped in."""
-    tmp = progress_dir + ".tmp"
+    _save_swapped(
+        trainer, progress_dir, PROGRESS_FILE, record, tmp=progress_dir + ".tmp", old=progress_dir + ".old"
+    )
+
+
+def _save_swapped(
+    trainer: ContinualTrainer,
+    directory: str,
+    filename: str,
+    record: dict[str, Any],
+    tmp: str,
+    old: str,
+    with_state: bool = True,
+) -> None:
+    """The model (with its continual state unless ``with_state`` is False) and ``record`` as ``filename``,
+    written into ``tmp``, then swapped in for ``directory`` (its previous copy goes to ``old`` and is removed):
+    a reader sees the old directory or the new one, never half of one."""
     if trainer.is_world_process_zero() and os.path.isdir(tmp):
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(tmp)
+    trainer.save_model(tmp, _internal_call=not with_state)  # the internal call writes no continual state
     if trainer.is_world_process_zero():
-        atomic_write_json(os.path.join(tmp, PROGRESS_FILE), record)
-        old = progress_dir + ".old"
-        if os.path.isdir(progress_dir):
-            os.replace(progress_dir, old)
-        os.replace(tmp, progress_dir)
+        atomic_write_json(os.path.join(tmp, filename), record)
+        if os.path.isdir(directory):
+            os.replace(directory, old)
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another process swapped its own in meanwhile: keep that one
+            shutil.rmtree(tmp)
         if os.path.isdir(old):
             shutil.rmtree(old)
     trainer.accelerator.wait_for_everyone()
@@ -339,23 +345,10 @@ def _save_first_task(trainer: ContinualTrainer, directory: str | os.PathLike, re
     directory = os.fspath(directory)
     if _read_first_task(directory, record["key"], record["tasks"]) is not None:
         return
-    tmp = f"{directory}.tmp{os.getpid()}"
-    if trainer.is_world_process_zero() and os.path.isdir(tmp):
-        shutil.rmtree(tmp)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(tmp, _internal_call=True)  # weights only: the internal call writes no continual state
-    if trainer.is_world_process_zero():
-        atomic_write_json(os.path.join(tmp, FIRST_TASK_FILE), record)
-        old = f"{directory}.old{os.getpid()}"
-        if os.path.isdir(directory):  # another key's (stale) record
-            os.replace(directory, old)
-        try:
-            os.replace(tmp, directory)
-        except OSError:  # another process swapped its own in meanwhile: keep that one
-            shutil.rmtree(tmp)
-        if os.path.isdir(old):
-            shutil.rmtree(old)
-    trainer.accelerator.wait_for_everyone()
+    pid = os.getpid()  # several bench processes may write one seed's record at once
+    _save_swapped(
+        trainer, directory, FIRST_TASK_FILE, record, f"{directory}.tmp{pid}", f"{directory}.old{pid}", False
+    )
 
 
 def _read_first_task(directory: str, key: str | None, names: Sequence[str]) -> dict[str, Any] | None:

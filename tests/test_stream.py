@@ -100,8 +100,9 @@ def test_a_stream_started_from_a_saved_state_protects_that_state_from_its_first_
 def test_a_run_that_takes_a_shared_first_task_ends_as_if_it_had_trained_it(tmp_path):
     """``first_task_dir``: every registered method whose first task is plain fine-tuning (``plain_first_task``)
     loads the first task trained by another method's run and, after consolidating it itself, ends with the same R
-    and the same weights as its own full run. Bit-equality holds here because both runs execute the same float
-    ops on the same inputs in one process, and the shared weights come back exactly from safetensors. A record
+    and the same weights as its own full run. The weights are compared to float32 tolerance (the shared weights
+    come back exactly from safetensors and the same ops follow, but a BLAS may round in another order for other
+    memory); R exactly: a score moves in steps of one held-out example, which rounding noise does not flip. A record
     with another key is not taken (and is replaced); FISH, whose first task is masked, neither takes nor writes
     one. (Checked by breaking it: consolidating the shared task with the donor's state, i.e. skipping end_task,
     fails the weight equality of ewc; a FISH declared plain fails it too.)"""
@@ -141,7 +142,7 @@ def test_a_run_that_takes_a_shared_first_task_ends_as_if_it_had_trained_it(tmp_p
         for (name, a), b in zip(
             taken.trainer.model.state_dict().items(), own.trainer.model.state_dict().values()
         ):
-            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{method}: {name}")
+            torch.testing.assert_close(a, b, msg=f"{method}: {name}")
         assert taken.trainer.method.tasks_seen == own.trainer.method.tasks_seen
     assert "fish" in METHOD_REGISTRY and not METHOD_REGISTRY["fish"].plain_first_task
     other = run_stream(
