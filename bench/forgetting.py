@@ -10,7 +10,9 @@ are built once per split and the untouched model is encoded once.
    value with the highest dev ACC (mean final acc@1 over the tasks) is kept. online_ewc uses ewc's lambda;
    fish+kfac uses fish's keep ratio and kfac's lambda.
 2. Test splits: none, ewc, kfac, kfac_per_task (K-FAC keeping one factor pair per task instead of merging
-   them) and fish with ``--seeds`` (default 0 1 2); online_ewc, fish+kfac, replay, joint with the first seed. The seed is the training seed (data order, sampled Fisher labels); the sampled
+   them) and fish with ``--seeds`` (default 0 1 2); online_ewc, fish+kfac, replay, joint are started with the
+   first seed only, and their finished runs at the other seeds (run with ``--methods joint --seeds 1``) are
+   aggregated too. The seed is the training seed (data order, sampled Fisher labels); the sampled
    training and evaluation mentions are the same in every run.
 
 Every run writes ``OUT/runs/<split>/<method>/seed<k>/results.json`` (+ heatmap and table); a run whose
@@ -70,7 +72,12 @@ SEARCH: dict[str, tuple[str, list[float]]] = {
     "fish": ("fish_keep_ratio", [0.005, 0.05]),
 }
 SEEDED = ["none", "ewc", "kfac", "kfac_per_task", "fish"]
-PAIRED = [("kfac", "ewc"), ("kfac", "none"), ("ewc", "none")]  # per-seed differences reported
+PAIRED = [
+    ("kfac", "ewc"),
+    ("kfac", "none"),
+    ("ewc", "none"),
+    ("kfac", "joint"),
+]  # per-seed differences reported
 SINGLE = ["online_ewc", "fish+kfac", "replay", "joint"]
 ORDER = ["none", "ewc", "online_ewc", "kfac", "kfac_per_task", "fish", "fish+kfac", "replay", "joint"]
 # the per-task tables of the summary: aggregate key -> caption
@@ -240,13 +247,20 @@ class Bench:
                 return
 
     def run(
-        self, split: str, name: str, seed: int, overrides: dict[str, Any], only: int | None = None
+        self,
+        split: str,
+        name: str,
+        seed: int,
+        overrides: dict[str, Any],
+        only: int | None = None,
+        start: bool = True,
     ) -> dict[str, Any] | None:
         """results.json of one stream run (read from disk when it exists); ``only``: train task ``only`` alone.
-        With ``only_finished``, a run not on disk is not started: None (and listed in ``self.missing``)."""
+        With ``only_finished``, a run not on disk is not started: None (and listed in ``self.missing``). With
+        ``start=False`` likewise, but unlisted: a run that is welcome if it exists and not owed if it does not."""
         run_dir = self.out / "runs" / split / name / f"seed{seed}"
         label = f"{split}/{name}/seed{seed}"
-        result = self._result(run_dir, label, split, name, seed, overrides, only)
+        result = self._result(run_dir, label, split, name, seed, overrides, only, start)
         if result is not None:
             self.missing.pop(label, None)  # it was running elsewhere when first asked for, and has finished
         return result
@@ -260,8 +274,11 @@ class Bench:
         seed: int,
         overrides: dict[str, Any],
         only: int | None,
+        start: bool = True,
     ) -> dict[str, Any] | None:
         from hf_continual.stream import RESULTS_FILE, load_results
+
+        finished_only = self.only_finished or not start
 
         if (
             self.recipe.initial_state is not None
@@ -282,14 +299,17 @@ class Bench:
                 return cached
             # the search chose other settings, or the recipe changed, since this run: it measured something else
             why = cached["extra"]["bench"]["overrides"] if same_budget else "another recipe budget"
-            print(f"stale run {run_dir} ({why}): running again")
-            if self.only_finished:
-                self.missing[label] = "stale settings"
+            if finished_only:
+                print(f"stale run {run_dir} ({why}): not used")
+                if start:
+                    self.missing[label] = "stale settings"
                 return None
+            print(f"stale run {run_dir} ({why}): running again")
             shutil.rmtree(run_dir)
-        if self.only_finished:
-            self.missing[label] = ""
-            self._note_partial(run_dir, label)
+        if finished_only:
+            if start:
+                self.missing[label] = ""
+                self._note_partial(run_dir, label)
             return None
         lock = claim_run(run_dir)
         if lock is None:
@@ -812,6 +832,14 @@ def main() -> None:
             bench.missing[f"test/{name}"] = "its search is unfinished"
             continue
         runs = [r for s in seeds if (r := bench.run("test", name, s, method_overrides(name, chosen)))]
+        # a method started at the first seed only: its runs at the other seeds of --seeds count where they were
+        # run (e.g. ``--methods joint --seeds 1``); the table's seeds column says how many each mean is over
+        runs += [
+            r
+            for s in args.seeds
+            if s not in seeds
+            if (r := bench.run("test", name, s, method_overrides(name, chosen), start=False))
+        ]
         if not runs:
             continue
         seeds = [r["extra"]["bench"]["seed"] for r in runs]

@@ -227,3 +227,32 @@ def test_summary_names_settings_fixed_with_chosen_instead_of_an_empty_search_tab
     bench.write_markdown({**base, "search": [{**row, "kept": True}]}, tmp_path / "searched.md")
     searched = (tmp_path / "searched.md").read_text()
     assert "Search (dev splits" in searched and "Not searched here" not in searched
+
+
+def test_a_run_not_to_be_started_is_read_when_finished_and_neither_started_nor_owed_when_absent(
+    script, tmp_path: Path
+) -> None:
+    """Bench.run(start=False) (a single-seed method's other seeds): a finished run with the same settings and
+    budget is returned; an absent one, or one with other settings, is None without being run or listed as
+    missing (nothing under its directory is created or removed)."""
+    import json
+    from types import SimpleNamespace
+
+    bench = script("bench/forgetting.py")
+    budget = {"training": {"learning_rate": 1e-4}}
+    b = bench.Bench(SimpleNamespace(initial_state=None, resolved=lambda: budget), tmp_path, False)
+    overrides = {"continual_method": "joint"}
+    done = tmp_path / "runs" / "test" / "joint" / "seed1"
+    done.mkdir(parents=True)
+    record = {**_run(1, [[1, 0], [1, 1]], [0, 0], 0.8, 0.0), "extra": {"recipe": budget}}
+    record["extra"]["bench"] = {"seed": 1, "overrides": overrides}
+    (done / "results.json").write_text(json.dumps(record))
+    assert b.run("test", "joint", 1, overrides, start=False)["metrics"]["acc"] == 0.8
+    assert b.run("test", "joint", 2, overrides, start=False) is None
+    assert not (tmp_path / "runs" / "test" / "joint" / "seed2").exists()
+    assert b.run("test", "joint", 1, {"continual_method": "none"}, start=False) is None
+    assert (done / "results.json").is_file()
+    assert b.missing == {}
+    b.only_finished = True  # a run the table owes: listed
+    assert b.run("test", "joint", 2, overrides) is None
+    assert list(b.missing) == ["test/joint/seed2"]
