@@ -73,6 +73,28 @@ def load_average() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
+#: the vector extensions whose presence changes which float kernels torch picks (and so the last bits of a result)
+SIMD_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "asimd", "sve")
+
+
+def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict[str, Any]:
+    """The CPU's model name and vector extensions: ``platform.processor()`` is empty on many Linux machines, so
+    ``cpuinfo`` (x86 ``model name``/``flags``, ARM ``Model``/``Features``) is read where it exists."""
+    name, flags = platform.processor(), set()
+    try:
+        with open(cpuinfo) as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and not name:
+                    name = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"processor": name, "simd": [f for f in SIMD_FLAGS if f in flags]}
+
+
 def machine_info() -> dict[str, Any]:
     """What a timing depends on: threads, library versions, the CPU, and the load when the bench ends."""
     import transformers
@@ -83,7 +105,7 @@ def machine_info() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "processor": platform.processor(),
+        **cpu_info(),
         "cpus": os.cpu_count(),
         "load_avg_1m_at_end": load_average(),
     }

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _setup import minilm_and_random_examples
+from _setup import cpu_info, minilm_and_random_examples
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -157,7 +157,8 @@ def main() -> None:
         "model": "all-MiniLM-L6-v2 (8 labels)",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "machine": platform.machine(),
+        **cpu_info(),
         "load_average_at_start": os.getloadavg(),
     }
     if "diag" in ns.sections:

@@ -323,6 +323,8 @@ class Bench:
     def _run_claimed(
         self, run_dir: Path, split: str, name: str, seed: int, overrides: dict[str, Any], only: int | None
     ) -> dict[str, Any]:
+        from _setup import machine_info  # bench/ is on sys.path when this file runs as a script
+
         from hf_continual.recipe import resolve_model_name
         from hf_continual.stream import RESULTS_FILE, load_results, run_stream
         from hf_continual.tasks.entity_linking import DualEncoderModel
@@ -341,6 +343,9 @@ class Bench:
             "bench": {"split": split, "method": name, "seed": seed, "overrides": overrides},
             "recipe": self.recipe.resolved(),
             "tasks_info": {t.name: t.info for t in tasks},
+            # where it ran: a first task retrained on another CPU differs in the last bits, and so by a few
+            # mentions per task, from one trained here (the same seed and code)
+            "machine": {k: v for k, v in machine_info().items() if k != "load_avg_1m_at_end"},
         }
         t0 = time.perf_counter()
         result = run_stream(

@@ -256,3 +256,20 @@ def test_a_run_not_to_be_started_is_read_when_finished_and_neither_started_nor_o
     b.only_finished = True  # a run the table owes: listed
     assert b.run("test", "joint", 2, overrides) is None
     assert list(b.missing) == ["test/joint/seed2"]
+
+
+def test_cpu_info_names_the_model_and_the_vector_extensions_of_x86_and_arm(script, tmp_path, monkeypatch):
+    """A run records where it ran (a first task retrained on another CPU differs): the model name and the SIMD
+    flags that change torch's kernels, from the first processor's block of /proc/cpuinfo, in SIMD_FLAGS order."""
+    setup = script("bench/_setup.py")
+    monkeypatch.setattr(setup.platform, "processor", lambda: "")
+    x86 = tmp_path / "x86"
+    x86.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma avx\n\n"
+        "processor\t: 1\nmodel name\t: other\nflags\t\t: avx512f\n"
+    )
+    assert setup.cpu_info(str(x86)) == {"processor": "AMD EPYC", "simd": ["avx", "avx2", "fma"]}
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve\n\nModel\t\t: Raspberry Pi 5\n")
+    assert setup.cpu_info(str(arm)) == {"processor": "Raspberry Pi 5", "simd": ["asimd", "sve"]}
+    assert setup.cpu_info(str(tmp_path / "absent")) == {"processor": "", "simd": []}
