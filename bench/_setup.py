@@ -78,9 +78,12 @@ SIMD_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "am
 
 
 def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict[str, Any]:
-    """The CPU's model name and vector extensions: ``platform.processor()`` is empty on many Linux machines, so
-    ``cpuinfo`` (x86 ``model name``/``flags``, ARM ``Model``/``Features``) is read where it exists."""
-    name, flags = platform.processor(), set()
+    """The CPU's model name, identity and vector extensions: ``platform.processor()`` is empty on many Linux
+    machines, so ``cpuinfo`` (x86 ``model name``/``flags``, ARM ``Model``/``Features``) is read where it exists.
+    ``cpu_id`` (x86 family/model/stepping, ARM implementer/part) tells microarchitectures apart where a virtual
+    machine masks the name (two "AMD EPYC" of different generations)."""
+    name, flags, ident = platform.processor(), set(), {}
+    id_keys = ("cpu family", "model", "stepping", "CPU implementer", "CPU part")
     try:
         with open(cpuinfo) as fh:
             for line in fh:
@@ -90,9 +93,14 @@ def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict[str, Any]:
                     name = value.strip()
                 elif key in ("flags", "Features") and not flags:
                     flags = set(value.split())
+                elif key in id_keys and key not in ident:
+                    ident[key] = value.strip()
     except OSError:
         pass
-    return {"processor": name, "simd": [f for f in SIMD_FLAGS if f in flags]}
+    cpu_id = " ".join(
+        f"{k.removeprefix('cpu ').removeprefix('CPU ')} {ident[k]}" for k in id_keys if k in ident
+    )
+    return {"processor": name, "cpu_id": cpu_id, "simd": [f for f in SIMD_FLAGS if f in flags]}
 
 
 def machine_info() -> dict[str, Any]:

@@ -471,7 +471,10 @@ def paired_difference(
 ) -> dict[str, Any] | None:
     """Per-seed differences a - b of the metrics over the seeds both methods ran (mean, sample std, values):
     the seed's data order and sampled labels are shared, so the spread of the difference is what says whether
-    two methods differ, not the overlap of their separate spreads. None without a common seed."""
+    two methods differ, not the overlap of their separate spreads. ``same_first_row``: the pairs whose rows
+    after the first task are equal, i.e. whose first task was one model (shared, or retrained identically); a
+    first task retrained on another CPU can differ by a few mentions per task, which then adds to the spread.
+    None without a common seed."""
     by_seed_b = {r["extra"]["bench"]["seed"]: r for r in runs_b}
     pairs = [
         (r, by_seed_b[r["extra"]["bench"]["seed"]])
@@ -481,6 +484,8 @@ def paired_difference(
     if not pairs:
         return None
     out: dict[str, Any] = {"seeds": [a["extra"]["bench"]["seed"] for a, _ in pairs]}
+    # exact: each entry is correct / mentions of the same counts, one correctly rounded division on any CPU
+    out["same_first_row"] = sum(a["accuracy_matrix"][0] == b["accuracy_matrix"][0] for a, b in pairs)
     for key in keys:
         vals = [a["metrics"][key] - b["metrics"][key] for a, b in pairs]
         out[key] = mean_std(vals)
@@ -661,10 +666,15 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
             lines += [f"| {n} | " + " | ".join(fmt(d) for d in agg[key]) + " |" for n, agg in rows]
     if summary.get("paired"):
         lines += ["", "Paired per-seed differences (x100; mean ± sample std over the common seeds):", ""]
-        lines += ["| difference | seeds | ACC | forgetting |", "|---|---|---|---|"]
+        lines += [
+            "| difference | seeds | same first-task row | ACC | forgetting |",
+            "|---|---|---|---|---|",
+        ]
         for label, diff in summary["paired"].items():
+            n = len(diff["seeds"])
+            same = f"{diff['same_first_row']} of {n}" if "same_first_row" in diff else "-"
             lines.append(
-                f"| {label} | {len(diff['seeds'])} | {fmt(diff.get('acc'))} | {fmt(diff.get('forgetting'))} |"
+                f"| {label} | {n} | {same} | {fmt(diff.get('acc'))} | {fmt(diff.get('forgetting'))} |"
             )
     if summary["alone"]:
         lines += [

@@ -63,6 +63,24 @@ def test_paired_difference_pairs_runs_by_seed_not_by_position(script) -> None:
     assert diff["forgetting"]["values"] == pytest.approx([-0.04, -0.06])
     assert diff["forgetting"]["std"] == pytest.approx(0.0141421356, rel=1e-6)
     assert bench.paired_difference(a, [_run(5, [[1, 0], [1, 1]], [0, 0], 0.5, 0.5)]) is None
+    assert diff["same_first_row"] == 2
+
+
+def test_paired_difference_counts_the_seeds_whose_first_task_rows_differ(script) -> None:
+    """A seed whose two runs scored differently after the first task (a first task trained twice, on different
+    CPUs) is still paired, but not counted as sharing the first task."""
+    bench = script("bench/forgetting.py")
+    a = [
+        _run(0, [[0.8, 0.5], [0.7, 0.9]], [0, 0], 0.8, 0.1),
+        _run(1, [[0.6, 0.5], [0.6, 0.7]], [0, 0], 0.65, 0),
+    ]
+    b = [
+        _run(0, [[0.8, 0.5], [0.6, 0.9]], [0, 0], 0.75, 0.2),
+        _run(1, [[0.6, 0.4], [0.6, 0.7]], [0, 0], 0.6, 0),
+    ]
+    diff = bench.paired_difference(a, b)
+    assert diff["seeds"] == [0, 1]
+    assert diff["same_first_row"] == 1
 
 
 def test_search_chooses_the_best_dev_acc_only_when_every_value_was_measured(script) -> None:
@@ -259,17 +277,30 @@ def test_a_run_not_to_be_started_is_read_when_finished_and_neither_started_nor_o
 
 
 def test_cpu_info_names_the_model_and_the_vector_extensions_of_x86_and_arm(script, tmp_path, monkeypatch):
-    """A run records where it ran (a first task retrained on another CPU differs): the model name and the SIMD
-    flags that change torch's kernels, from the first processor's block of /proc/cpuinfo, in SIMD_FLAGS order."""
+    """A run records where it ran (a first task retrained on another CPU differs): the model name, the CPU's
+    identity (x86 family/model/stepping, ARM implementer/part) and the SIMD flags that change torch's kernels, from
+    the first processor's block of /proc/cpuinfo, in SIMD_FLAGS order."""
     setup = script("bench/_setup.py")
     monkeypatch.setattr(setup.platform, "processor", lambda: "")
     x86 = tmp_path / "x86"
     x86.write_text(
-        "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma avx\n\n"
-        "processor\t: 1\nmodel name\t: other\nflags\t\t: avx512f\n"
+        "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nstepping\t: 1\n"
+        "flags\t\t: fpu sse2 avx2 fma avx\n\n"
+        "processor\t: 1\ncpu family\t: 23\nmodel\t\t: 49\nmodel name\t: other\nflags\t\t: avx512f\n"
     )
-    assert setup.cpu_info(str(x86)) == {"processor": "AMD EPYC", "simd": ["avx", "avx2", "fma"]}
+    assert setup.cpu_info(str(x86)) == {
+        "processor": "AMD EPYC",
+        "cpu_id": "family 25 model 17 stepping 1",
+        "simd": ["avx", "avx2", "fma"],
+    }
     arm = tmp_path / "arm"
-    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve\n\nModel\t\t: Raspberry Pi 5\n")
-    assert setup.cpu_info(str(arm)) == {"processor": "Raspberry Pi 5", "simd": ["asimd", "sve"]}
-    assert setup.cpu_info(str(tmp_path / "absent")) == {"processor": "", "simd": []}
+    arm.write_text(
+        "processor\t: 0\nFeatures\t: fp asimd sve\nCPU implementer\t: 0x41\nCPU part\t: 0xd0b\n\n"
+        "Model\t\t: Raspberry Pi 5\n"
+    )
+    assert setup.cpu_info(str(arm)) == {
+        "processor": "Raspberry Pi 5",
+        "cpu_id": "implementer 0x41 part 0xd0b",
+        "simd": ["asimd", "sve"],
+    }
+    assert setup.cpu_info(str(tmp_path / "absent")) == {"processor": "", "cpu_id": "", "simd": []}
