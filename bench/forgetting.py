@@ -672,9 +672,9 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
         ]
         for label, diff in summary["paired"].items():
             n = len(diff["seeds"])
-            same = f"{diff['same_first_row']} of {n}" if "same_first_row" in diff else "-"
             lines.append(
-                f"| {label} | {n} | {same} | {fmt(diff.get('acc'))} | {fmt(diff.get('forgetting'))} |"
+                f"| {label} | {n} | {diff['same_first_row']} of {n} | {fmt(diff.get('acc'))} | "
+                f"{fmt(diff.get('forgetting'))} |"
             )
     if summary["alone"]:
         lines += [
