@@ -1,3 +1,4 @@
+import gc
 import importlib.util
 import os
 import subprocess
@@ -36,6 +37,26 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 240) ->
             f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+def _freeze_survivors() -> None:
+    """Collect, then move every object still alive to the permanent generation (``gc.freeze``), where later
+    collections do not scan it. Each ``Trainer.train`` runs a full ``gc.collect`` (accelerate's
+    ``free_memory``), whose cost grows with every object alive: imported libraries and the memoised real
+    vocabularies (millions of objects) made each one cost seconds late in the session. Cyclic garbage that
+    was alive when frozen is never collected: a test session can afford that memory."""
+    gc.collect()
+    gc.freeze()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _freeze_survivors()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _freeze_what_a_module_leaves():
+    yield
+    _freeze_survivors()
 
 
 @pytest.fixture
