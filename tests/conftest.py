@@ -59,9 +59,24 @@ def _freeze_what_a_module_leaves():
     _freeze_survivors()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def torchrun():
     return run_torchrun
+
+
+#: the 2-process steps of ``tests/dist/scaling_dist.py`` the CPU tests compare with one process (method, with a
+#: consolidated prior task or not); one torchrun launch runs them all
+SCALING_SPECS = ("none", "ewc:prior", "kfac:prior")
+
+
+@pytest.fixture(scope="session")
+def scaling_dist_runs(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+    """spec -> (rank 0's, rank 1's parameters after the step) for every spec of ``SCALING_SPECS``."""
+    import torch
+
+    out = tmp_path_factory.mktemp("scaling_dist")
+    run_torchrun("scaling_dist.py", str(out), *SCALING_SPECS)
+    return {s: tuple(torch.load(out / f"{s}.rank{r}.pt") for r in (0, 1)) for s in SCALING_SPECS}
 
 
 def load_script(path: str | Path):

@@ -159,11 +159,10 @@ def test_ddp_over_nccl_equals_one_gpu(tmp_path, torchrun, method):
     os.environ["HF_CONTINUAL_TEST_DEVICE"] = "cuda"
     try:
         single = one_step_params(str(tmp_path / "a"), GLOBAL_BATCH, 1, method=method, prior_task=True)
-        out = tmp_path / "dist.pt"
-        torchrun("scaling_dist.py", str(out), method, "prior")
+        torchrun("scaling_dist.py", str(tmp_path), f"{method}:prior")
     finally:
         del os.environ["HF_CONTINUAL_TEST_DEVICE"]
-    rank0 = torch.load(out, map_location="cpu")
+    rank0 = torch.load(tmp_path / f"{method}:prior.rank0.pt", map_location="cpu")
     for n in single:  # NCCL's reduction order differs from one process's sum: fp32 rounding
         torch.testing.assert_close(rank0[n].cpu(), single[n].cpu(), rtol=1e-4, atol=1e-5)
 

@@ -10,12 +10,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from stream_dist import run  # noqa: E402
 
+METHODS = ["ewc", "kfac", "fish"]
 
-@pytest.mark.parametrize("method", ["ewc", "kfac", "fish"])
-def test_two_process_stream_matches_one_process(tmp_path, torchrun, method):
+
+@pytest.fixture(scope="module")
+def dist_runs(tmp_path_factory, torchrun) -> Path:
+    """The 2-process streams of every method of ``METHODS``, from one torchrun launch."""
+    out = tmp_path_factory.mktemp("stream_dist")
+    torchrun("stream_dist.py", str(out), *METHODS)
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_process_stream_matches_one_process(tmp_path, dist_runs, method):
     single = run(method, str(tmp_path / "single"))
-    out = tmp_path / "dist"
-    torchrun("stream_dist.py", method, str(out))
+    out = dist_runs / method
     r0, r1 = torch.load(f"{out}.rank0"), torch.load(f"{out}.rank1")
     for n in r0["params"]:  # identical across ranks
         assert torch.equal(r0["params"][n], r1["params"][n]), n

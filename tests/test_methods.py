@@ -111,7 +111,7 @@ def test_penalty_update_same_with_grad_accumulation(tmp_path, method):
 
 
 @pytest.mark.parametrize("method", ["ewc", "kfac"])
-def test_penalty_update_same_with_two_processes(tmp_path, torchrun, method):
+def test_penalty_update_same_with_two_processes(tmp_path, scaling_dist_runs, method):
     """One step from a point away from the anchor: 2 processes x 4 examples == 1 process x 8 examples.
 
     Checked by breaking the code on purpose: with the penalty gradient multiplied by the world size where the
@@ -122,9 +122,7 @@ def test_penalty_update_same_with_two_processes(tmp_path, torchrun, method):
         str(tmp_path / "c"), GLOBAL_BATCH, 1, method=method, prior_task=True, continual_lambda=0.0
     )
     _assert_penalty_changes_the_step(single, bare)
-    out = tmp_path / "dist.pt"
-    torchrun("scaling_dist.py", str(out), method, "prior")
-    rank0, rank1 = torch.load(out), torch.load(str(out) + ".rank1")
+    rank0, rank1 = scaling_dist_runs[f"{method}:prior"]
     for n in single:
         # bit-equal ranks: both apply the same all-reduced gradient (gloo hands every rank the same reduced
         # buffer) to the same parameters with the same code on the same CPU

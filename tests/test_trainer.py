@@ -33,11 +33,9 @@ def test_plain_trainer_scales_bert_loss_wrongly(tmp_path):
     assert ratio == pytest.approx(2.0, rel=1e-3)
 
 
-def test_two_processes_give_same_update(tmp_path, torchrun):
+def test_two_processes_give_same_update(tmp_path, scaling_dist_runs):
     single = one_step_params(str(tmp_path / "a"), per_device_batch=GLOBAL_BATCH, grad_accum=1)
-    out = tmp_path / "dist.pt"
-    torchrun("scaling_dist.py", str(out))
-    rank0, rank1 = torch.load(out), torch.load(str(out) + ".rank1")
+    rank0, rank1 = scaling_dist_runs["none"]
     _assert_same(rank0, rank1, atol=0)
     _assert_same(single, rank0)
 

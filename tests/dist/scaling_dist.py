@@ -1,5 +1,8 @@
-"""torchrun --nproc_per_node 2 scaling_dist.py OUT.pt [method] [prior]: one step on the global batch, 2 CPU ranks."""
+"""torchrun --nproc_per_node 2 scaling_dist.py OUT METHOD[:prior] ...: for each spec, one step on the global batch
+on 2 CPU ranks (with ``:prior``, from a point away from a consolidated prior task), saved as
+``OUT/<spec>.rank<r>.pt``. Several specs share one launch: starting the processes costs more than the steps."""
 
+import os
 import sys
 
 import torch
@@ -7,12 +10,14 @@ import torch.distributed as dist
 from common import GLOBAL_BATCH, one_step_params
 
 if __name__ == "__main__":
-    out, method = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "none")
-    prior = len(sys.argv) > 3 and sys.argv[3] == "prior"
-    params = one_step_params(
-        out + ".d", per_device_batch=GLOBAL_BATCH // 2, grad_accum=1, method=method, prior_task=prior
-    )
-    if dist.get_rank() == 0:
-        torch.save(params, out)
-    else:
-        torch.save(params, out + ".rank1")
+    out = sys.argv[1]
+    for spec in sys.argv[2:]:
+        method, _, prior = spec.partition(":")
+        params = one_step_params(
+            os.path.join(out, spec + ".d"),
+            per_device_batch=GLOBAL_BATCH // 2,
+            grad_accum=1,
+            method=method,
+            prior_task=prior == "prior",
+        )
+        torch.save(params, os.path.join(out, f"{spec}.rank{dist.get_rank()}.pt"))

@@ -1,6 +1,8 @@
-"""torchrun --nproc_per_node 2 stream_dist.py METHOD OUT: a 2-task toy stream on 2 CPU ranks (same global batches
-as one process with batch 16); each rank saves R, the consolidated curvature or mask, its parameters and the
-files it wrote under the output directory (recorded by an audit hook: opens for writing and renames)."""
+"""torchrun --nproc_per_node 2 stream_dist.py OUT METHOD ...: for each method, a 2-task toy stream on 2 CPU ranks
+(same global batches as one process with batch 16) in ``OUT/<method>.d``; each rank saves R, the consolidated
+curvature or mask, its parameters and the files it wrote under that directory (recorded by an audit hook: opens
+for writing and renames) as ``OUT/<method>.rank<r>``. The methods share one launch: starting the processes
+costs more than a stream."""
 
 import os
 import sys
@@ -77,8 +79,9 @@ def run(method: str, out_dir: str, writes: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    method, out = sys.argv[1], sys.argv[2]
-    rank = int(os.environ.get("RANK", "0"))
-    writes = record_writes(out + ".d")
-    record = run(method, out + ".d", writes)
-    torch.save(record, f"{out}.rank{rank}")
+    out, rank = sys.argv[1], int(os.environ.get("RANK", "0"))
+    for method in sys.argv[2:]:
+        stem = os.path.join(out, method)
+        writes = record_writes(stem + ".d")
+        record = run(method, stem + ".d", writes)
+        torch.save(record, f"{stem}.rank{rank}")
