@@ -65,13 +65,13 @@ def torchrun():
 
 
 #: the 2-process steps of ``tests/dist/scaling_dist.py`` the CPU tests compare with one process (method, with a
-#: consolidated prior task or not); one torchrun launch runs them all
-SCALING_SPECS = ("none", "ewc:prior", "kfac:prior")
+#: consolidated prior task or not, the parameters or the FISH mask); one torchrun launch runs them all
+SCALING_SPECS = ("none", "ewc:prior", "kfac:prior", "fish:mask")
 
 
 @pytest.fixture(scope="session")
 def scaling_dist_runs(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
-    """spec -> (rank 0's, rank 1's parameters after the step) for every spec of ``SCALING_SPECS``."""
+    """spec -> (rank 0's, rank 1's record: the parameters after the step, or the mask) for each ``SCALING_SPECS``."""
     import torch
 
     out = tmp_path_factory.mktemp("scaling_dist")

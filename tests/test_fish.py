@@ -11,7 +11,7 @@ from hf_continual.stream import run_stream
 from hf_continual.toy import tiny_bert, toy_config, toy_stream
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from common import GLOBAL_BATCH, one_step_params  # noqa: E402
+from common import FISH_MASK_OPTIONS, GLOBAL_BATCH, one_step_params  # noqa: E402
 
 
 def test_global_topk_keeps_exactly_k():
@@ -138,19 +138,11 @@ def test_delta_reproduces_trained_model(tmp_path):
     )
 
 
-def test_two_processes_build_the_same_mask(tmp_path, torchrun):
+def test_two_processes_build_the_same_mask(tmp_path, scaling_dist_runs):
     _, trainer = one_step_params(
-        str(tmp_path / "a"),
-        GLOBAL_BATCH,
-        1,
-        method="fish",
-        return_trainer=True,
-        fish_keep_ratio=0.05,
-        fish_num_samples=8,
+        str(tmp_path / "a"), GLOBAL_BATCH, 1, method="fish", return_trainer=True, **FISH_MASK_OPTIONS
     )
-    out = tmp_path / "fish.pt"
-    torchrun("fish_dist.py", str(out))
-    r0, r1 = torch.load(out), torch.load(str(out) + ".rank1")
+    r0, r1 = scaling_dist_runs["fish:mask"]
     assert r0["hash"] == r1["hash"] == mask_hash(trainer.method.masks)
 
 

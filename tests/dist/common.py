@@ -24,6 +24,8 @@ def _close_process_group() -> None:
 atexit.register(_close_process_group)  # for the torchrun scripts that import this module
 
 GLOBAL_BATCH = 8
+#: the FISH mask built after one step (``one_step_params(method="fish", **FISH_MASK_OPTIONS)``), on 1 and 2 processes
+FISH_MASK_OPTIONS = dict(fish_keep_ratio=0.05, fish_num_samples=8)
 #: after the prior task the parameters are moved this far (seeded noise, the same on every rank) so that the
 #: penalty gradient of the next step is far from zero
 MOVE_FROM_ANCHOR = 0.05
