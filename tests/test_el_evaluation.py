@@ -92,7 +92,7 @@ def test_abbreviation_expansion_from_same_document() -> None:
     assert add_query_column(ds, expand_abbreviations=False)[0]["query"] == ["MJD", "MJD"]
 
 
-def test_dictionary_encoding_is_split_across_ranks(tmp_path, torchrun):
+def test_dictionary_encoding_is_split_across_ranks(group_dist_runs):
     """2 processes: each encodes half of the texts, and both end with the single-process embeddings.
 
     Checked by breaking the code on purpose: with every rank encoding all texts, the counts fail.
@@ -108,8 +108,7 @@ def test_dictionary_encoding_is_split_across_ranks(tmp_path, torchrun):
         sys.path.pop(0)
     model, tokenizer = encode_dist.build()
     single = model.encode(encode_dist.TEXTS, tokenizer=tokenizer, batch_size=4)
-    torchrun("encode_dist.py", str(tmp_path / "emb"))
-    ranks = [torch.load(tmp_path / f"emb.rank{r}") for r in range(2)]
+    ranks = [torch.load(group_dist_runs / "encode_dist" / f"emb.rank{r}") for r in range(2)]
     assert [r["encoded"] for r in ranks] == [[6], [5]]  # 11 texts: every 2nd one per rank
     for r in ranks:
         # other batches (other padding lengths) than the single run: fp32 rounding only

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import signal
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -387,26 +385,8 @@ def test_foreach_penalty_grad_matches_autograd():
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_distributed_two_ranks_equal_single_process(tmp_path):
+def test_distributed_two_ranks_equal_single_process(group_dist_runs):
     script = ROOT / "tests" / "dist" / "fisher_dist.py"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.Popen(
-        [*cmd, str(script), str(tmp_path)],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # so a hang can be killed with its worker processes
-    )
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail("torchrun timed out:\n" + out[-3000:])
-    assert proc.returncode == 0, out[-3000:]
     sys.path.insert(0, str(script.parent))
     try:
         import fisher_dist
@@ -414,7 +394,7 @@ def test_distributed_two_ranks_equal_single_process(tmp_path):
         sys.path.pop(0)
     model, data = fisher_dist.build()
     single = estimate_fisher(model, data, **fisher_dist.KWARGS, distributed=False)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(group_dist_runs / "fisher_dist" / f"rank{r}.pt") for r in range(2)]
     for r in ranks:
         assert set(r["empirical"]) == set(single.param_names)
         for n in single.param_names:

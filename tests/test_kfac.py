@@ -532,7 +532,7 @@ def test_reduce_key_projection_blind_spot_and_default_override() -> None:
     assert float(g_pure.trace()) < 1e-4 * float(g_def.trace())
 
 
-def test_distributed_two_processes_match_one(tmp_path, torchrun, script) -> None:
+def test_distributed_two_processes_match_one(tmp_path, group_dist_runs, script) -> None:
     from hf_continual.curvature import estimate_fisher
 
     mod = script("tests/dist/kfac_dist.py")
@@ -550,11 +550,12 @@ def test_distributed_two_processes_match_one(tmp_path, torchrun, script) -> None
             show_progress=False,
         )
         torch.save({k: v for k, v in f.state_dict().items()}, tmp_path / f"single_{mode}.pt")
-    torchrun("kfac_dist.py", str(tmp_path))
     for mode in ("expand", "reduce"):
         one = KFACFisher.from_state_dict(torch.load(tmp_path / f"single_{mode}.pt"))
         for rank in (0, 1):
-            two = KFACFisher.from_state_dict(torch.load(tmp_path / f"dist_{mode}_rank{rank}.pt"))
+            two = KFACFisher.from_state_dict(
+                torch.load(group_dist_runs / "kfac_dist" / f"dist_{mode}_rank{rank}.pt")
+            )
             for layer in one.layers:
                 a1, g1 = one.factors(layer.module)
                 a2, g2 = two.factors(layer.module)

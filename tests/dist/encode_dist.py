@@ -1,6 +1,7 @@
-"""torchrun --nproc_per_node 2 encode_dist.py OUT: the evaluator's encoding split across 2 CPU ranks (gloo)."""
+"""The evaluator's encoding split across 2 CPU ranks (gloo): ``run(OUT_DIR)``, in an initialised group
+(``group_jobs.py``), writes ``OUT_DIR/emb.rank{r}``."""
 
-import sys
+import os
 
 import torch
 import torch.distributed as dist
@@ -27,10 +28,9 @@ def build():
     return DualEncoderModel(DualEncoderConfig(encoder_config=bert, scale=20.0)), tokenizer
 
 
-if __name__ == "__main__":
+def run(out_dir: str) -> None:
     from hf_continual.tasks.entity_linking.evaluation import encode_across_ranks
 
-    dist.init_process_group("gloo")
     model, tokenizer = build()
     seen: list[int] = []
     encode = model.encode
@@ -41,5 +41,4 @@ if __name__ == "__main__":
 
     model.encode = counting_encode
     out = encode_across_ranks(model, TEXTS, tokenizer=tokenizer, batch_size=4)
-    torch.save({"embeddings": out, "encoded": seen}, f"{sys.argv[1]}.rank{dist.get_rank()}")
-    dist.destroy_process_group()
+    torch.save({"embeddings": out, "encoded": seen}, os.path.join(out_dir, f"emb.rank{dist.get_rank()}"))

@@ -1,4 +1,4 @@
-"""Run with ``torchrun --nproc_per_node 2 tests/dist/fisher_dist.py OUT_DIR`` (CPU, gloo).
+"""The diagonal Fisher on 2 CPU processes (gloo): ``run(OUT_DIR)``, in an initialised group (``group_jobs.py``).
 
 Each rank estimates the diagonal Fisher of the same tiny BERT on its shard of 8 examples (the full dataset is
 passed; the estimator shards it by rank) through a DDP-wrapped model, and saves the result as
@@ -7,7 +7,6 @@ passed; the estimator shards it by rank) through a DDP-wrapped model, and saves 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -41,22 +40,14 @@ def build() -> tuple[torch.nn.Module, list[dict]]:
     return model, data
 
 
-def main(out_dir: str) -> None:
+def run(out_dir: str) -> None:
     import torch.distributed as dist
 
     from hf_continual.curvature import estimate_fisher
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
     rank = dist.get_rank()
     model, data = build()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     emp = estimate_fisher(ddp, data, **KWARGS)
     true = estimate_fisher(ddp, data, fisher_type="true", batch_size=3, show_progress=False, seed=0)
     torch.save({"empirical": emp.state_dict(), "true": true.state_dict()}, Path(out_dir) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])

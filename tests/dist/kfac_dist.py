@@ -1,6 +1,7 @@
-"""torchrun script: K-FAC estimated on 2 CPU processes (gloo) must equal 1 process on the same data.
+"""K-FAC estimated on 2 CPU processes (gloo) must equal 1 process on the same data.
 
-Usage: ``torchrun --nproc_per_node 2 kfac_dist.py OUT_DIR`` writes ``OUT_DIR/dist_{mode}_rank{r}.pt`` (state dicts).
+``run(OUT_DIR)`` (in an initialised group: ``group_jobs.py``) writes ``OUT_DIR/dist_{mode}_rank{r}.pt`` (state
+dicts).
 """
 
 from __future__ import annotations
@@ -39,13 +40,12 @@ def build_dataset(n: int = 11, pad_to: int = 8) -> list[dict]:
     return out
 
 
-def main() -> None:
+def run(out_dir: str) -> None:
     import torch.distributed as dist
 
     from hf_continual.curvature import estimate_fisher
 
-    out = Path(sys.argv[1])
-    dist.init_process_group("gloo")
+    out = Path(out_dir)
     rank = dist.get_rank()
     model = build_model()
     for mode in ("expand", "reduce"):
@@ -59,9 +59,3 @@ def main() -> None:
             show_progress=False,
         )
         torch.save(f.state_dict(), out / f"dist_{mode}_rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
