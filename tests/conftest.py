@@ -37,10 +37,10 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 240) ->
     )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:  # a hang: SIGTERM makes torchrun stop its workers (they are not in its
-        os.killpg(
-            proc.pid, signal.SIGTERM
-        )  # process group), SIGKILL whatever is left of the group after 30 s
+    except subprocess.TimeoutExpired:
+        # a hang: SIGTERM makes torchrun stop its workers (they are not in its process group); SIGKILL whatever
+        # is left of the group 30 s later
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             stdout, stderr = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
