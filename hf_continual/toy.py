@@ -42,6 +42,28 @@ def tiny_bert(seed: int = 0, **overrides) -> BertForSequenceClassification:
     return BertForSequenceClassification(tiny_bert_config(**overrides))
 
 
+def tiny_dual_encoder(vocab_size: int, scale: float = 20.0, seed: int = 0, **overrides):
+    """A freshly initialised tiny entity-linking dual encoder (1-2 layers of width 32; deterministic for a seed).
+
+    ``vocab_size`` must cover the tokenizer the caller feeds it; ``overrides`` go to the encoder's ``BertConfig``.
+    """
+    from .tasks.entity_linking import DualEncoderConfig, DualEncoderModel
+
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,  # BERT's defaults from here: room for any tokenized name, dropout on
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
+    values.update(overrides)
+    torch.manual_seed(seed)
+    return DualEncoderModel(DualEncoderConfig(encoder_config=tiny_bert_config(**values), scale=scale))
+
+
 def _examples(task_id: int, n: int, seq_len: int, seed: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed * 7919 + task_id)
     rows = []

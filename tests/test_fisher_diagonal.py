@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from hf_continual.curvature import (
     add_penalty_grad_,
     estimate_fisher,
 )
+from hf_continual.toy import tiny_bert_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
@@ -29,16 +29,14 @@ def tiny_config(**kw) -> BertConfig:
     cfg = dict(
         vocab_size=99,
         hidden_size=24,
-        num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=37,
         max_position_embeddings=64,
-        type_vocab_size=2,
         hidden_dropout_prob=0.3,  # dropout on: estimation must switch it off
         attention_probs_dropout_prob=0.3,
     )
     cfg.update(kw)
-    return BertConfig(**cfg)
+    return tiny_bert_config(**cfg)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -385,13 +383,8 @@ def test_foreach_penalty_grad_matches_autograd():
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_distributed_two_ranks_equal_single_process(group_dist_runs):
-    script = ROOT / "tests" / "dist" / "fisher_dist.py"
-    sys.path.insert(0, str(script.parent))
-    try:
-        import fisher_dist
-    finally:
-        sys.path.pop(0)
+def test_distributed_two_ranks_equal_single_process(group_dist_runs, script):
+    fisher_dist = script("tests/dist/fisher_dist.py")
     model, data = fisher_dist.build()
     single = estimate_fisher(model, data, **fisher_dist.KWARGS, distributed=False)
     ranks = [torch.load(group_dist_runs / "fisher_dist" / f"rank{r}.pt") for r in range(2)]

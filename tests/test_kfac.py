@@ -77,19 +77,11 @@ def vec_bar(layer: KFACLayer, delta: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def tiny_bert(num_labels: int = 3, seed: int = 0):
-    from transformers import BertConfig, BertForSequenceClassification
+    from hf_continual.toy import tiny_bert as toy_bert
 
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=32,
-        num_labels=num_labels,
-    )
-    return BertForSequenceClassification(cfg).eval()
+    return toy_bert(
+        seed, hidden_size=16, num_attention_heads=2, intermediate_size=24, num_labels=num_labels
+    ).eval()
 
 
 def bert_dataset(n: int = 12, pad_to: int = 8, seed: int = 0) -> list[dict]:
@@ -540,16 +532,8 @@ def test_distributed_two_processes_match_one(tmp_path, group_dist_runs, script) 
 
     model = build_model()
     for mode in ("expand", "reduce"):
-        f = estimate_fisher(
-            model,
-            build_dataset(),
-            kind="kfac",
-            kfac_mode=mode,
-            fisher_type="empirical",
-            batch_size=3,
-            show_progress=False,
-        )
-        torch.save({k: v for k, v in f.state_dict().items()}, tmp_path / f"single_{mode}.pt")
+        f = estimate_fisher(model, build_dataset(), kfac_mode=mode, **mod.KWARGS)
+        torch.save(f.state_dict(), tmp_path / f"single_{mode}.pt")
     for mode in ("expand", "reduce"):
         one = KFACFisher.from_state_dict(torch.load(tmp_path / f"single_{mode}.pt"))
         for rank in (0, 1):

@@ -8,26 +8,17 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from hf_continual import ContinualConfig, ContinualTrainer
+from hf_continual import ContinualTrainer
 from hf_continual.state import STATE_META, STATE_TENSORS, ContinualStateError, load_state
-from hf_continual.toy import tiny_bert, toy_stream
+from hf_continual.toy import tiny_bert, toy_config, toy_stream
 
 DIST = Path(__file__).parent / "dist"
 
 
 def _args(tmp_path, method, **kw):
     values = dict(
-        output_dir=str(tmp_path / "run"),
-        continual_method=method,
-        use_cpu=True,
-        report_to="none",
         num_train_epochs=2,
         per_device_train_batch_size=16,
-        learning_rate=2e-3,
-        seed=0,
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
         fisher_batch_size=16,
         fisher_num_samples=64,
         fish_keep_ratio=0.05,
@@ -35,7 +26,7 @@ def _args(tmp_path, method, **kw):
         continual_lambda=100.0,
     )
     values.update(kw)
-    return ContinualConfig(**values)
+    return toy_config(str(tmp_path / "run"), method, **values)
 
 
 def _train_task0(tmp_path, method, **kw):

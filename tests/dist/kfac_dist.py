@@ -12,20 +12,14 @@ from pathlib import Path
 import torch
 
 
-def build_model():
-    from transformers import BertConfig, BertForSequenceClassification
+#: what every process (and the single-process reference of ``test_kfac.py``) passes to ``estimate_fisher``
+KWARGS = dict(kind="kfac", fisher_type="empirical", batch_size=3, show_progress=False)
 
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(cfg).eval()
+
+def build_model():
+    from hf_continual.toy import tiny_bert
+
+    return tiny_bert(0, hidden_size=16, num_attention_heads=2, intermediate_size=24, num_labels=3).eval()
 
 
 def build_dataset(n: int = 11, pad_to: int = 8) -> list[dict]:
@@ -49,13 +43,5 @@ def run(out_dir: str) -> None:
     rank = dist.get_rank()
     model = build_model()
     for mode in ("expand", "reduce"):
-        f = estimate_fisher(
-            model,
-            build_dataset(),
-            kind="kfac",
-            kfac_mode=mode,
-            fisher_type="empirical",
-            batch_size=3,
-            show_progress=False,
-        )
+        f = estimate_fisher(model, build_dataset(), kfac_mode=mode, **KWARGS)
         torch.save(f.state_dict(), out / f"dist_{mode}_rank{rank}.pt")
