@@ -49,13 +49,12 @@ def tiny_dual_encoder(vocab_size: int, scale: float = 20.0, seed: int = 0, **ove
     """
     from .tasks.entity_linking import DualEncoderConfig, DualEncoderModel
 
+    # tiny_bert_config's width and depth; BERT's defaults for the rest (room for any tokenized name, dropout on)
     values = dict(
         vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        max_position_embeddings=512,  # BERT's defaults from here: room for any tokenized name, dropout on
+        max_position_embeddings=512,
         hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1,
     )

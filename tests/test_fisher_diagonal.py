@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +21,6 @@ from hf_continual.toy import tiny_bert_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**kw) -> BertConfig:
